@@ -1,0 +1,36 @@
+"""sw_lens: find super weights in language models with TransformerLens and measure them.
+
+Data flows one way: text -> tokens -> scan -> locate -> patching -> perplexity -> results.
+"""
+
+from sw_lens.corpora import Corpus, load_corpus, tokenize
+from sw_lens.errors import NonFiniteActivation, SwLensError
+from sw_lens.locate import Candidate, Criterion, LocateResult, locate, rank_by_effect
+from sw_lens.models import LoadedModel, load_model
+from sw_lens.patching import WeightCoord, ablation_hooks, edited_weights
+from sw_lens.perplexity import PerplexityResult, Protocol, evaluate
+from sw_lens.scan import ScanResult, scan, scan_with_cache
+
+__all__ = [
+    "Candidate",
+    "Corpus",
+    "Criterion",
+    "LoadedModel",
+    "LocateResult",
+    "NonFiniteActivation",
+    "PerplexityResult",
+    "Protocol",
+    "ScanResult",
+    "SwLensError",
+    "WeightCoord",
+    "ablation_hooks",
+    "edited_weights",
+    "evaluate",
+    "load_corpus",
+    "load_model",
+    "locate",
+    "rank_by_effect",
+    "scan",
+    "scan_with_cache",
+    "tokenize",
+]

@@ -1,0 +1,79 @@
+"""Text sources for perplexity and scans, turned into one token stream.
+
+A corpus is named by the user as ``lee`` (the embedded default: gensim's Lee
+background corpus, ~75k tokens of news prose, read from the installed package),
+``wikitext-2`` (WikiText-2 raw test split through ``datasets``, the field's reference
+corpus; needs the hub or a datasets cache) or a path to a UTF-8 text file.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from sw_lens.errors import SwLensError
+from sw_lens.packaged import package_file
+
+DEFAULT_CORPUS = "lee"
+NAMED = {
+    "lee": "gensim/test/test_data/lee_background.cor (Lee background corpus, embedded)",
+    "wikitext-2": "wikitext-2-raw-v1 test split via datasets (the hub or a datasets cache)",
+}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str  # "lee", "wikitext-2" or the file path
+    description: str
+    text: str
+
+
+def load_corpus(source: str = DEFAULT_CORPUS) -> Corpus:
+    """Read a named corpus or a UTF-8 file; empty or undecodable text is a one-line error."""
+    if source == "lee":
+        path = package_file("gensim", "test/test_data/lee_background.cor", "pip install gensim")
+        text = path.read_text(encoding="utf-8")
+    elif source == "wikitext-2":
+        text = _wikitext2()
+    else:
+        text = read_text_file(Path(source))
+    if not text.strip():
+        raise SwLensError(f"corpus '{source}' is empty")
+    return Corpus(source, NAMED.get(source, f"local file {source}"), text)
+
+
+def read_text_file(path: Path) -> str:
+    if not path.is_file():
+        named = ", ".join(NAMED)
+        raise SwLensError(f"text '{path}' is neither a file nor a named corpus ({named})")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SwLensError(f"text file '{path}' is not UTF-8 (byte {err.start})") from None
+
+
+def _wikitext2() -> str:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    except Exception as err:  # datasets raises many types for "no network / no cache"
+        raise SwLensError(
+            f"WikiText-2 is not available (no hub access and no datasets cache): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+            f"use --text lee or a local file"
+        ) from None
+    # The join used by the HF perplexity guide and lm-eval's wikitext task.
+    return "\n\n".join(rows["text"])
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> Int[Tensor, "n_tokens"]:
+    """Token ids of `text` with no special tokens: BOS is the perplexity protocol's choice,
+    not the tokenizer's."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise SwLensError("the text produced no tokens")
+    return torch.tensor(ids, dtype=torch.long)

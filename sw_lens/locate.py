@@ -1,0 +1,206 @@
+"""The paper's rule for super weights, made explicit, iterated, and checked by effect.
+
+Rule (Yu et al. 2024, Sec. 3.1): in a layer whose down-projection input spikes at
+channel ``col`` and output spikes at channel ``row`` on the same token, the super weight
+is HF ``down_proj.weight[row, col]`` (TransformerLens ``W_out[layer][col, row]``).
+"Spikes" is the stated `Criterion`, saved with every result. Then: remove what was
+found, scan again, take what is newly exposed.
+
+The literal rule has three traps on real models, each handled here and reported:
+1. **It need not terminate.** Zeroing ``W[row, col]`` leaves the input neuron ``col``
+   spiking (its input is computed before the down-projection), so the rule next takes
+   ``W[row', col]``, then ``W[row'', col]``... Termination rule: a (layer, input
+   neuron) yields at most one weight; a later hit on the same neuron is recorded as
+   skipped. Iteration stops when a scan exposes nothing new, or at ``max_iterations``.
+2. **A layer can cancel a massive activation rather than create it.** When the MLP's
+   output shrinks the residual stream at its spike (see `LayerSpikes.cancels`), the
+   weight is kept with ``role="cancels"`` but not ablated in later scans, since removing
+   it hides nothing.
+3. **The first weight found is not necessarily the one that matters.** `rank_by_effect`
+   measures the perplexity increase of zeroing each weight alone and marks super weights
+   by that evidence (``min_ppl_ratio``), not by discovery order.
+"""
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from statistics import median
+
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from sw_lens.models import down_proj_parameter
+from sw_lens.patching import WeightCoord, ablation_hooks, weight_value
+from sw_lens.perplexity import PerplexityResult, Protocol, evaluate
+from sw_lens.scan import LayerSpikes, ScanResult, Spike, scan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """When a layer's down-projection spikes "stand out"; both hooks must pass."""
+
+    min_abs: float = 50.0  # |activation|, the official code's threshold
+    min_ratio: float = 10.0  # x the median over layers of the same hook's spike
+    min_ppl_ratio: float = 1.1  # perplexity x when zeroed alone, to be called super
+
+    def describe(self) -> str:
+        return (
+            f"max |hook_post| and max |hook_mlp_out| of a layer both >= {self.min_abs:g} and "
+            f">= {self.min_ratio:g}x the median over layers of that hook's max, on the same "
+            f"token; called a super weight when zeroing it alone multiplies perplexity by "
+            f">= {self.min_ppl_ratio:g}"
+        )
+
+    def stands_out(self, spike: Spike, layer_median: float) -> bool:
+        return spike.magnitude >= self.min_abs and spike.magnitude >= self.min_ratio * layer_median
+
+
+@dataclass
+class Candidate:
+    """A weight the rule found, with the evidence for it."""
+
+    coord: WeightCoord
+    value: float  # the weight, as stored in the checkpoint
+    hf_param: str  # e.g. model.layers.2.mlp.down_proj.weight
+    hf_index: tuple[int, int]  # index into hf_param in its own layout
+    iteration: int  # 1 = the first scan
+    post: Spike  # the input activation that exposed it (channel = col)
+    mlp_out: Spike  # the output activation (channel = row)
+    resid_mid: float | None  # residual entering the MLP at the output spike
+    role: str  # "creates" or "cancels" the massive activation
+    ppl_alone: float | None = None  # perplexity with only this weight zeroed
+    effect: float | None = None  # ppl_alone / baseline perplexity
+    is_super: bool | None = None  # effect >= criterion.min_ppl_ratio
+
+
+@dataclass
+class LocateResult:
+    criterion: Criterion
+    candidates: list[Candidate]
+    scans: list[ScanResult]  # one per iteration, each with the earlier finds ablated
+    termination: str
+    notes: list[str] = field(default_factory=list)
+    ranking: PerplexityResult | None = None  # baseline of the effect ranking
+
+    @property
+    def super_weights(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.is_super]
+
+
+def medians(result: ScanResult) -> tuple[float, float]:
+    """Median over layers of max |hook_post| and of max |hook_mlp_out|."""
+    return (
+        median(s.post.magnitude for s in result.layers),
+        median(s.mlp_out.magnitude for s in result.layers),
+    )
+
+
+def apply_rule(
+    model: TransformerBridge,
+    result: ScanResult,
+    criterion: Criterion,
+    iteration: int,
+    taken_neurons: set[tuple[int, int]],
+) -> tuple[list[Candidate], list[str]]:
+    """One pass of the rule over a scan: new candidates, and why other spikes were passed."""
+    post_median, out_median = medians(result)
+    found, notes = [], []
+    for s in result.layers:
+        if not (
+            criterion.stands_out(s.post, post_median)
+            and criterion.stands_out(s.mlp_out, out_median)
+        ):
+            continue
+        if (s.post.text, s.post.pos) != (s.mlp_out.text, s.mlp_out.pos):
+            notes.append(
+                f"iteration {iteration}, layer {s.layer}: input and output spikes sit on "
+                f"different tokens ({s.post.token!r} vs {s.mlp_out.token!r}); not one weight"
+            )
+            continue
+        if (s.layer, s.post.channel) in taken_neurons:
+            notes.append(
+                f"iteration {iteration}, layer {s.layer}: input neuron {s.post.channel} still "
+                f"spikes but already gave a weight; its other weights are not taken "
+                f"(termination rule)"
+            )
+            continue
+        found.append(_candidate(model, s, iteration))
+    return found, notes
+
+
+def _candidate(model: TransformerBridge, s: LayerSpikes, iteration: int) -> Candidate:
+    coord = WeightCoord(s.layer, row=s.mlp_out.channel, col=s.post.channel)
+    hf_param, transposed = down_proj_parameter(model, s.layer)
+    hf_index = (coord.row, coord.col) if transposed else (coord.col, coord.row)
+    return Candidate(
+        coord=coord,
+        value=weight_value(model, coord),
+        hf_param=hf_param,
+        hf_index=hf_index,
+        iteration=iteration,
+        post=s.post,
+        mlp_out=s.mlp_out,
+        resid_mid=s.resid_mid,
+        role="cancels" if s.cancels else "creates",
+    )
+
+
+def locate(
+    model: TransformerBridge,
+    texts: Sequence[Int[Tensor, "pos"]],
+    prepend_bos: bool,
+    criterion: Criterion = Criterion(),
+    max_iterations: int = 5,
+) -> LocateResult:
+    """Scan, apply the rule, ablate what was found (hooks; the model is never edited),
+    scan again, until nothing new is exposed or `max_iterations` scans were made."""
+    candidates: list[Candidate] = []
+    scans: list[ScanResult] = []
+    notes: list[str] = []
+    taken: set[tuple[int, int]] = set()
+    termination = f"iteration limit ({max_iterations}) reached"
+    for iteration in range(1, max_iterations + 1):
+        ablated = [c.coord for c in candidates if c.role == "creates"]
+        result = scan(model, texts, prepend_bos, ablation_hooks(model, ablated))
+        scans.append(result)
+        found, passed = apply_rule(model, result, criterion, iteration, taken)
+        notes.extend(passed)
+        if not found:
+            termination = f"iteration {iteration} exposed no new weight"
+            break
+        for c in found:
+            log.info("iteration %d: %s = %.4g (%s)", iteration, c.coord, c.value, c.role)
+            taken.add((c.coord.layer, c.coord.col))
+            if c.role == "cancels":
+                notes.append(
+                    f"iteration {iteration}, layer {c.coord.layer}: the MLP cancels a massive "
+                    f"activation (residual {c.resid_mid:.4g}, MLP output {c.mlp_out.value:.4g}); "
+                    f"kept as a candidate, not ablated in later scans"
+                )
+        candidates.extend(found)
+    return LocateResult(criterion, candidates, scans, termination, notes)
+
+
+def rank_by_effect(
+    model: TransformerBridge,
+    result: LocateResult,
+    tokens: Int[Tensor, "n_tokens"],
+    protocol: Protocol,
+    corpus: str,
+) -> LocateResult:
+    """Zero each candidate alone on `tokens` under `protocol` (a short budget suffices to
+    tell a 1.5x effect from none), mark super weights by the criterion's perplexity ratio
+    and sort candidates by effect, largest first."""
+    baseline = evaluate(model, tokens, protocol, corpus, desc="rank: baseline")
+    for c in result.candidates:
+        hooks = ablation_hooks(model, [c.coord])
+        alone = evaluate(model, tokens, protocol, corpus, hooks, desc=f"rank: {c.coord}")
+        c.ppl_alone = alone.perplexity
+        c.effect = alone.perplexity / baseline.perplexity
+        c.is_super = c.effect >= result.criterion.min_ppl_ratio
+    result.candidates.sort(key=lambda c: -c.effect)
+    result.ranking = baseline
+    return result

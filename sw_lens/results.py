@@ -1,0 +1,127 @@
+"""Results as versioned JSON documents, with provenance, written atomically.
+
+Every document carries `SCHEMA_VERSION`, the package versions and git commit that
+produced it, and is written to a temporary file in the target directory and renamed, so
+an interrupted run leaves the previous file or none, never half of one.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from sw_lens.errors import SwLensError
+
+SCHEMA_VERSION = 1
+_VERSIONED = ["sw_lens", "torch", "transformers", "transformer-lens", "tokenizers", "gguf"]
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the installed packages whose behaviour the numbers depend on."""
+    versions = {}
+    for dist in _VERSIONED:
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit() -> str | None:
+    """Commit of the sw_lens checkout, with ``-dirty`` when it has local changes; None when
+    sw_lens is not running from a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def provenance(device: torch.device, dtype: torch.dtype, seed: int) -> dict:
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+    }
+
+
+def to_jsonable(obj):
+    """Dataclasses, tuples and tensors-free structures to plain JSON types."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        raise TypeError("tensors are not serialised into results; summarise them first")
+    return obj
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside `path`; rename it onto `path` only on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return path
+
+
+def write_json(path: Path, document: dict) -> Path:
+    text = json.dumps(to_jsonable(document), indent=2, allow_nan=False) + "\n"
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_json(path: Path, kind: str) -> dict:
+    """A results document of this schema version and `kind`, or a one-line error."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SwLensError(f"results file '{path}' does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SwLensError(f"results file '{path}' is not valid JSON: {err}") from None
+    found = document.get("schema_version") if isinstance(document, dict) else None
+    if found != SCHEMA_VERSION:
+        raise SwLensError(
+            f"results file '{path}' has schema_version {found!r}; this sw_lens reads "
+            f"{SCHEMA_VERSION}: regenerate it with this version"
+        )
+    if document.get("kind") != kind:
+        raise SwLensError(f"results file '{path}' holds {document.get('kind')!r}, not {kind!r}")
+    return document

@@ -1,0 +1,215 @@
+"""Per-layer spikes of the down-projection's input and output.
+
+For every layer we record the largest |value| of ``blocks.{l}.mlp.hook_post`` (the
+down-projection input, d_mlp channels) and of ``blocks.{l}.hook_mlp_out`` (its output,
+d_model channels), with the text, position, token and channel where it occurs. A super
+weight shows up as an input spike at channel ``col`` and an output spike at channel
+``row`` on the same token (paper, Sec. 3.1).
+
+`scan` reduces inside the hooks, so memory holds one layer's activation at a time, never
+the whole cache; `scan_with_cache` goes through ``run_with_cache`` for users who want the
+raw tensors and gives the same result.
+
+Each output spike also carries the residual stream entering the MLP
+(``hook_resid_mid``) at that token and channel: an MLP that *cancels* a massive
+activation (|resid + out| < |resid|) meets the spike rule as well as one that creates it.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.model_bridge import TransformerBridge
+
+from sw_lens.errors import NonFiniteActivation, SwLensError
+
+POST = "blocks.{}.mlp.hook_post"
+MLP_OUT = "blocks.{}.hook_mlp_out"
+RESID_MID = "blocks.{}.hook_resid_mid"
+
+
+@dataclass
+class Spike:
+    """The largest |activation| of one hook over all scanned tokens, and where it sits."""
+
+    hook: str
+    value: float  # signed
+    text: int  # index of the text in the scanned batch
+    pos: int
+    channel: int
+    token: str
+
+    @property
+    def magnitude(self) -> float:
+        return abs(self.value)
+
+
+@dataclass
+class LayerSpikes:
+    layer: int
+    post: Spike  # down-projection input, channel in d_mlp
+    mlp_out: Spike  # down-projection output, channel in d_model
+    resid_mid: float | None  # residual entering the MLP at mlp_out's token and channel
+
+    @property
+    def cancels(self) -> bool:
+        """The MLP output shrinks the residual stream at its spike instead of growing it."""
+        if self.resid_mid is None:
+            return False
+        return abs(self.resid_mid + self.mlp_out.value) < abs(self.resid_mid)
+
+
+@dataclass
+class ScanResult:
+    layers: list[LayerSpikes]
+    prepend_bos: bool
+    n_texts: int
+    n_tokens: int
+
+
+def _check_finite(act: Tensor, name: str) -> None:
+    if not torch.isfinite(act).all():
+        raise NonFiniteActivation(
+            f"{name} has inf/NaN values in {act.dtype} (first layer where it happens): "
+            f"the super activation overflowed; use --dtype bfloat16 or float32"
+        )
+
+
+def _max_abs(act: Float[Tensor, "pos channel"]) -> tuple[float, int, int]:
+    flat = int(act.abs().argmax())
+    pos, channel = divmod(flat, act.shape[-1])
+    return float(act[pos, channel]), pos, channel
+
+
+def _token(model: TransformerBridge, ids: Int[Tensor, "pos"], pos: int) -> str:
+    return model.tokenizer.decode([int(ids[pos])])
+
+
+class _Reducer:
+    """Running per-layer maxima over texts, fed one layer's activation at a time."""
+
+    def __init__(self, model: TransformerBridge):
+        self.model = model
+        n = model.cfg.n_layers
+        self.post: list[Spike | None] = [None] * n
+        self.out: list[Spike | None] = [None] * n
+        self.resid: list[float | None] = [None] * n
+
+    def update(
+        self,
+        layer: int,
+        text: int,
+        ids: Int[Tensor, "pos"],
+        post: Float[Tensor, "pos d_mlp"] | None = None,
+        mlp_out: Float[Tensor, "pos d_model"] | None = None,
+        resid_mid: Float[Tensor, "pos d_model"] | None = None,
+    ) -> None:
+        if post is not None:
+            _check_finite(post, POST.format(layer))
+            value, pos, ch = _max_abs(post)
+            best = self.post[layer]
+            if best is None or abs(value) > best.magnitude:
+                token = _token(self.model, ids, pos)
+                self.post[layer] = Spike(POST.format(layer), value, text, pos, ch, token)
+        if mlp_out is not None:
+            _check_finite(mlp_out, MLP_OUT.format(layer))
+            value, pos, ch = _max_abs(mlp_out)
+            best = self.out[layer]
+            if best is None or abs(value) > best.magnitude:
+                token = _token(self.model, ids, pos)
+                self.out[layer] = Spike(MLP_OUT.format(layer), value, text, pos, ch, token)
+                self.resid[layer] = None if resid_mid is None else float(resid_mid[pos, ch])
+
+    def result(self, prepend_bos: bool, texts: Sequence[Tensor]) -> ScanResult:
+        layers = [
+            LayerSpikes(layer, post, out, resid)
+            for layer, (post, out, resid) in enumerate(
+                zip(self.post, self.out, self.resid, strict=True)
+            )
+        ]
+        n_tokens = sum(len(t) for t in texts)
+        return ScanResult(layers, prepend_bos, len(texts), n_tokens)
+
+
+def _check_texts(texts: Sequence[Tensor]) -> None:
+    if not texts or any(len(t) == 0 for t in texts):
+        raise SwLensError("nothing to scan: every text needs at least one token")
+
+
+def scan(
+    model: TransformerBridge,
+    texts: Sequence[Int[Tensor, "pos"]],
+    prepend_bos: bool,
+    fwd_hooks: Sequence = (),
+) -> ScanResult:
+    """Scan token sequences (BOS already prepended where the protocol wants it; the flag
+    is recorded) with `fwd_hooks` active, e.g. ablations from `patching`."""
+    _check_texts(texts)
+    reducer = _Reducer(model)
+    has_resid_mid = RESID_MID.format(0) in model.hook_dict
+    progress = tqdm(texts, desc="scan", leave=False, disable=len(texts) < 8 or None)
+    for text, ids in enumerate(progress):
+        # Ablations first: the reducer must see their effect.
+        hooks = [*fwd_hooks, *_reducer_hooks(reducer, text, ids, has_resid_mid)]
+        with torch.inference_mode():
+            model.run_with_hooks(ids[None].to(model.cfg.device), fwd_hooks=hooks, return_type=None)
+    return reducer.result(prepend_bos, texts)
+
+
+def _reducer_hooks(reducer: _Reducer, text: int, ids: Tensor, has_resid_mid: bool) -> list:
+    """Hooks feeding one text's activations to `reducer`, one layer at a time.
+
+    The layer is bound as a default argument: inside a hook, `hook.name` can be the
+    canonical name (``mlp.out.hook_in``) rather than the alias we registered."""
+    residual: dict[int, Tensor] = {}
+    hooks = []
+    for layer in range(len(reducer.post)):
+
+        def on_resid_mid(act, hook, layer=layer):
+            residual[layer] = act[0]
+
+        def on_post(act, hook, layer=layer):
+            reducer.update(layer, text, ids, post=act[0])
+
+        def on_mlp_out(act, hook, layer=layer):
+            reducer.update(layer, text, ids, mlp_out=act[0], resid_mid=residual.pop(layer, None))
+
+        if has_resid_mid:
+            hooks.append((RESID_MID.format(layer), on_resid_mid))
+        hooks += [(POST.format(layer), on_post), (MLP_OUT.format(layer), on_mlp_out)]
+    return hooks
+
+
+def scan_with_cache(
+    model: TransformerBridge, texts: Sequence[Int[Tensor, "pos"]], prepend_bos: bool
+) -> tuple[ScanResult, list[ActivationCache]]:
+    """`scan` through ``run_with_cache``: same result, plus every text's cache of
+    ``hook_post``, ``hook_mlp_out`` and ``hook_resid_mid`` (memory grows with layers x
+    tokens; use `scan` for long inputs)."""
+    _check_texts(texts)
+    reducer = _Reducer(model)
+    names = {
+        f.format(layer) for layer in range(model.cfg.n_layers) for f in (POST, MLP_OUT, RESID_MID)
+    }
+    caches = []
+    for text, ids in enumerate(texts):
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(
+                ids[None].to(model.cfg.device), names_filter=names.__contains__
+            )
+        for layer in range(model.cfg.n_layers):
+            resid = cache[RESID_MID.format(layer)][0] if RESID_MID.format(layer) in cache else None
+            reducer.update(
+                layer,
+                text,
+                ids,
+                post=cache[POST.format(layer)][0],
+                mlp_out=cache[MLP_OUT.format(layer)][0],
+                resid_mid=resid,
+            )
+        caches.append(cache)
+    return reducer.result(prepend_bos, texts), caches
