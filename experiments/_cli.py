@@ -6,6 +6,8 @@ import sys
 import warnings
 from collections.abc import Callable
 
+import transformers
+
 from sw_lens.errors import SwLensError
 
 
@@ -14,6 +16,7 @@ def run(main: Callable[[], None]) -> None:
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     logging.getLogger("sw_lens").setLevel(logging.INFO)
     warnings.filterwarnings("ignore")
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars, not our work
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         main()

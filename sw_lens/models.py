@@ -195,6 +195,17 @@ def _load_pretrained(location: str, name: str, dtype: torch.dtype, trust_remote_
     return model, tokenizer
 
 
+def _check_hooks(bridge: TransformerBridge, name: str) -> None:
+    """Everything in sw_lens reads the down-projection's input and output hooks."""
+    needed = ["blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out", "blocks.0.mlp.out.hook_out"]
+    missing = [hook for hook in needed if hook not in bridge.hook_dict]
+    if missing:
+        raise SwLensError(
+            f"'{name}' ({type(bridge.original_model).__name__}) has no MLP down-projection "
+            f"hooks ({', '.join(missing)}); super-weight analysis needs them"
+        )
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     device: str = "auto",
@@ -238,6 +249,7 @@ def load_model(
         location, hf_model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype
     )
     bridge.eval()
+    _check_hooks(bridge, name)
     return LoadedModel(bridge, name, source, location, torch_device, torch_dtype, adds_bos)
 
 

@@ -5,10 +5,14 @@ Coordinates are HF's: ``down_proj.weight[row, col]`` with ``row`` the output cha
 ``blocks[layer].mlp.W_out[col, row]``.
 
 `ablation_hooks` leaves the parameters untouched: the hook on ``hook_post`` keeps the
-input channels the edited weights read, and the hook on ``hook_mlp_out`` adds
-``(scale - 1) * w * post[..., col]`` to output channel ``row``. That is exactly what the
-edited weight would have produced (up to float rounding, ~1e-7 relative), so users can
-pass the list to ``run_with_hooks`` / ``model.hooks(...)`` in their own analyses.
+down-projection input, and the hook on the down-projection's own output
+(``mlp.out.hook_out``; the same as ``hook_mlp_out`` unless an architecture normalises
+after the MLP) recomputes each affected output channel ``row`` from it with the edited
+column ``W_out[:, row]`` (plus ``b_out[row]`` where the model has one). Recomputing
+rather than subtracting ``w * post[..., col]`` matters: a super weight's product is
+~1e3-1e4, and subtracting it from an output of the same size leaves float32 rounding of
+~1e-4 where the edited model has ~1e-7. Users can pass the list to ``run_with_hooks`` /
+``model.hooks(...)`` in their own analyses.
 `edited_weights` writes into ``W_out`` (a view of the HF weight) and restores the saved
 values bit-for-bit on exit, also when the body raises.
 """
@@ -19,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from einops import einsum
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
@@ -81,26 +86,37 @@ def ablation_hooks(
 def _layer_hooks(
     model: TransformerBridge, layer: int, coords: list[WeightCoord], scale: float
 ) -> list[FwdHook]:
-    w_out = model.blocks[layer].mlp.W_out
-    cols = torch.tensor([c.col for c in coords], device=w_out.device)
-    rows = torch.tensor([c.row for c in coords], device=w_out.device)
-    delta_w = (scale - 1.0) * w_out.detach()[cols, rows].clone()
+    mlp = model.blocks[layer].mlp
+    rows = sorted({c.row for c in coords})
+    index = {row: i for i, row in enumerate(rows)}
+    # The edited columns of W_out, snapshot now: [d_mlp, len(rows)].
+    columns: Float[Tensor, "d_mlp n_rows"] = mlp.W_out.detach()[:, rows].clone()
+    for c in coords:
+        columns[c.col, index[c.row]] *= scale
+    bias = getattr(mlp, "b_out", None)
+    bias = None if bias is None else bias.detach()[rows].clone()
+    rows_t = torch.tensor(rows, device=columns.device)
     kept: dict[str, Tensor] = {}
+
+    def keep_post(post: Float[Tensor, "batch pos d_mlp"], hook: HookPoint) -> None:
+        kept["post"] = post
+
+    def patch_down_proj_out(
+        out: Float[Tensor, "batch pos d_model"], hook: HookPoint
+    ) -> Float[Tensor, "batch pos d_model"]:
+        post = kept.pop("post")
+        recomputed = einsum(
+            post, columns.to(post.dtype), "batch pos d_mlp, d_mlp n_rows -> batch pos n_rows"
+        )
+        if bias is not None:
+            recomputed = recomputed + bias.to(recomputed.dtype)
+        return out.index_copy(-1, rows_t, recomputed.to(out.dtype))
 
     # The layer is bound by the closure: inside a hook, `hook.name` may be the canonical
     # name (`mlp.out.hook_in`) rather than the alias we registered.
-    def keep_post(post: Float[Tensor, "batch pos d_mlp"], hook: HookPoint) -> None:
-        kept["post"] = post[..., cols]
-
-    def patch_mlp_out(
-        mlp_out: Float[Tensor, "batch pos d_model"], hook: HookPoint
-    ) -> Float[Tensor, "batch pos d_model"]:
-        delta = kept.pop("post") * delta_w.to(mlp_out.dtype)
-        return mlp_out.index_add(-1, rows, delta.to(mlp_out.dtype))
-
     return [
         (f"blocks.{layer}.mlp.hook_post", keep_post),
-        (f"blocks.{layer}.hook_mlp_out", patch_mlp_out),
+        (f"blocks.{layer}.mlp.out.hook_out", patch_down_proj_out),
     ]
 
 

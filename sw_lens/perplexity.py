@@ -118,6 +118,13 @@ class PerplexityResult:
         }
 
 
+def check_window(model: TransformerBridge, protocol: Protocol) -> None:
+    if protocol.window > model.cfg.n_ctx:
+        raise SwLensError(
+            f"window {protocol.window} exceeds the model's context of {model.cfg.n_ctx} tokens"
+        )
+
+
 def _batches(items: Sequence[Window], size: int) -> Iterator[list[Window]]:
     """Consecutive windows of equal length, `size` at a time (only the last window of a
     corpus is shorter, so padding is never needed)."""
@@ -138,6 +145,7 @@ def evaluate(
     """Perplexity of `model` on `tokens` under `protocol`, with `fwd_hooks` active
     (e.g. `patching.ablation_hooks`). Use the same tokens and protocol for a baseline
     and its ablations: the per-token NLLs are then paired."""
+    check_window(model, protocol)
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
     device = model.cfg.device
     losses, positions = [], []

@@ -15,7 +15,7 @@ from sw_lens.errors import SwLensError
 from sw_lens.locate import Candidate, Criterion, locate, rank_by_effect
 from sw_lens.models import DEFAULT_MODEL, LoadedModel, load_model
 from sw_lens.patching import WeightCoord, ablation_hooks, check_coords
-from sw_lens.perplexity import PerplexityResult, Protocol, evaluate
+from sw_lens.perplexity import PerplexityResult, Protocol, check_window, evaluate
 from sw_lens.results import SCHEMA_VERSION, provenance
 from sw_lens.scan import ScanResult
 
@@ -109,10 +109,6 @@ def run_locate(config: LocateConfig) -> dict:
     torch.manual_seed(config.seed)
     loaded = load_model(config.model, config.device, config.dtype, config.trust_remote_code)
     model = loaded.bridge
-    if config.window > model.cfg.n_ctx:
-        raise SwLensError(
-            f"window {config.window} exceeds the model's context of {model.cfg.n_ctx} tokens"
-        )
     check_coords(model, config.weights)
     prepend_bos = resolve_bos(config, loaded)
     protocol = Protocol(
@@ -121,6 +117,7 @@ def run_locate(config: LocateConfig) -> dict:
     rank_protocol = Protocol(
         config.window, config.stride, prepend_bos, config.rank_tokens, config.batch_size
     )
+    check_window(model, protocol)
     corpus = load_corpus(config.text)
     tokens = tokenize(loaded.tokenizer, corpus.text)
     texts = prompt_tokens(loaded, config.prompts, prepend_bos)

@@ -109,20 +109,25 @@ class _Reducer:
         resid_mid: Float[Tensor, "pos d_model"] | None = None,
     ) -> None:
         if post is not None:
-            _check_finite(post, POST.format(layer))
-            value, pos, ch = _max_abs(post)
-            best = self.post[layer]
-            if best is None or abs(value) > best.magnitude:
-                token = _token(self.model, ids, pos)
-                self.post[layer] = Spike(POST.format(layer), value, text, pos, ch, token)
+            spike = self._beats(self.post[layer], POST.format(layer), post, text, ids)
+            self.post[layer] = spike or self.post[layer]
         if mlp_out is not None:
-            _check_finite(mlp_out, MLP_OUT.format(layer))
-            value, pos, ch = _max_abs(mlp_out)
-            best = self.out[layer]
-            if best is None or abs(value) > best.magnitude:
-                token = _token(self.model, ids, pos)
-                self.out[layer] = Spike(MLP_OUT.format(layer), value, text, pos, ch, token)
-                self.resid[layer] = None if resid_mid is None else float(resid_mid[pos, ch])
+            spike = self._beats(self.out[layer], MLP_OUT.format(layer), mlp_out, text, ids)
+            if spike is not None:
+                self.out[layer] = spike
+                self.resid[layer] = (
+                    None if resid_mid is None else float(resid_mid[spike.pos, spike.channel])
+                )
+
+    def _beats(
+        self, best: Spike | None, hook: str, act: Float[Tensor, "pos channel"], text: int, ids
+    ) -> Spike | None:
+        """This text's spike of `act` if it is larger than `best` (earlier texts win ties)."""
+        _check_finite(act, hook)
+        value, pos, channel = _max_abs(act)
+        if best is not None and abs(value) <= best.magnitude:
+            return None
+        return Spike(hook, value, text, pos, channel, _token(self.model, ids, pos))
 
     def result(self, prepend_bos: bool, texts: Sequence[Tensor]) -> ScanResult:
         layers = [

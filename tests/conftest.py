@@ -1,0 +1,167 @@
+"""Tiny GPT-2-, Qwen2- and Llama-shaped models with super weights we plant ourselves.
+
+Planting: a trigger token's embedding points along residual dimension `dim`; neuron
+`col` of the layer's MLP reads `dim` with a large input weight, so it fires hard on that
+token only; ``down_proj.weight[row, col]`` is set large, so the output channel `row`
+spikes. That is the paper's mechanism in miniature.
+
+Masking for iteration tests: a second planted neuron reads another dimension of the
+same token. While the first super activation (~1e3) dominates the residual stream, the
+normalisation before the second MLP shrinks that dimension to nothing, so the second
+spike only appears once the first weight is removed.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# Tests never touch the network: hub ids resolve from HF caches the tests lay out.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from sw_lens.models import load_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+D_MODEL, D_MLP, N_LAYERS, N_CTX = 32, 48, 6, 128
+TRIGGER = "A"  # a single byte-level token
+PROMPT = "xyz A qrs"
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """256 byte tokens plus <|endoftext|> (BOS/EOS): deterministic, offline, tiny."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"<|endoftext|>": len(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+
+
+VOCAB = len(byte_tokenizer())
+
+
+def hf_config(arch: str):
+    common = dict(vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+    if arch == "gpt2":
+        return GPT2Config(
+            n_embd=D_MODEL, n_inner=D_MLP, n_layer=N_LAYERS, n_head=4, n_positions=N_CTX, **common
+        )
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    return cls(
+        hidden_size=D_MODEL,
+        intermediate_size=D_MLP,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=N_CTX,
+        **common,
+    )
+
+
+MODEL_CLASSES = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
+ARCHS = list(MODEL_CLASSES)
+
+
+@dataclass(frozen=True)
+class Plant:
+    layer: int
+    row: int  # output channel
+    col: int  # input neuron
+    dim: int  # residual dimension the neuron reads
+    value: float = 8.0
+
+
+# How strongly a planted neuron reads its dimension (its other output weights are zeroed, so the one
+# planted weight carries its whole output). A gated MLP's output grows as the
+# square of the read (SiLU(gate) * up), GPT-2's GELU only linearly, so GPT-2 needs more.
+DRIVE = {"gpt2": 16.0, "llama": 4.0, "qwen2": 4.0}
+
+
+def trigger_id() -> int:
+    return byte_tokenizer()(TRIGGER, add_special_tokens=False)["input_ids"][0]
+
+
+def plant(model, arch: str, plants: list[Plant]) -> None:
+    """Write the planted weights into an HF model (see module docstring)."""
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[trigger_id()] = 0.0
+        for p in plants:
+            # Only the trigger token has a component along `dim`, so only it fires.
+            emb[:, p.dim] = 0.0
+            if arch == "gpt2":
+                model.transformer.wpe.weight[:, p.dim] = 0.0
+            emb[trigger_id(), p.dim] = 1.0
+            if arch == "gpt2":  # Conv1D weights are [in, out]
+                mlp = model.transformer.h[p.layer].mlp
+                mlp.c_fc.weight[:, p.col] = 0.0
+                mlp.c_fc.weight[p.dim, p.col] = DRIVE[arch]
+                mlp.c_proj.weight[p.col, :] = 0.0
+                mlp.c_proj.weight[p.col, p.row] = p.value
+            else:  # nn.Linear weights are [out, in]
+                mlp = model.model.layers[p.layer].mlp
+                for proj in (mlp.gate_proj, mlp.up_proj):
+                    proj.weight[p.col, :] = 0.0
+                    proj.weight[p.col, p.dim] = DRIVE[arch]
+                mlp.down_proj.weight[:, p.col] = 0.0
+                mlp.down_proj.weight[p.row, p.col] = p.value
+
+
+def build(arch: str, plants: list[Plant] = (), seed: int = 0):
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[arch](hf_config(arch)).eval()
+    plant(model, arch, list(plants))
+    return model
+
+
+def save(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+ONE = Plant(layer=1, row=5, col=17, dim=3)
+TWO = [Plant(layer=1, row=5, col=17, dim=3), Plant(layer=3, row=20, col=30, dim=9)]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, arch) -> Path:
+    """An HF-format directory of a tiny `arch` model with one planted super weight."""
+    return save(build(arch, [ONE]), tmp_path / f"tiny-{arch}")
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    return load_model(str(tiny_dir), device="cpu")
+
+
+def hf_cache_snapshot(hf_home: Path, repo_id: str, model) -> Path:
+    """Lay a model out as the HF hub cache does: models--org--name/snapshots/<rev> plus
+    refs/main, so that `repo_id` resolves offline."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    return save(model, repo / "snapshots" / revision)

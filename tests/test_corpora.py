@@ -1,0 +1,53 @@
+"""Corpora: the embedded Lee corpus, local files, and clear errors for unusable text."""
+
+import importlib.util
+
+import pytest
+from conftest import byte_tokenizer
+
+from sw_lens.corpora import load_corpus, tokenize
+from sw_lens.errors import SwLensError
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gensim") is None, reason="gensim not installed")
+def test_the_embedded_corpus_is_read_from_the_installed_gensim():
+    corpus = load_corpus("lee")
+    assert corpus.name == "lee" and "lee_background.cor" in corpus.description
+    assert len(corpus.text) > 300_000
+    assert corpus.text.startswith("Hundreds of people have been forced to vacate their homes")
+
+
+def test_a_local_file_is_read_as_utf8(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("Grüße aus Zürich.\n", encoding="utf-8")
+    corpus = load_corpus(str(path))
+    assert (corpus.name, corpus.text) == (str(path), "Grüße aus Zürich.\n")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"  \n\t\n", "is empty"),
+        (b"caf\xe9 latin-1", "is not UTF-8 \\(byte 3\\)"),
+    ],
+)
+def test_unusable_text_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(SwLensError, match=message):
+        load_corpus(str(path))
+
+
+def test_a_missing_file_lists_the_named_corpora(tmp_path):
+    with pytest.raises(
+        SwLensError, match="neither a file nor a named corpus \\(lee, wikitext-2\\)"
+    ):
+        load_corpus(str(tmp_path / "missing.txt"))
+
+
+def test_tokenize_adds_no_special_tokens():
+    tok = byte_tokenizer()
+    ids = tokenize(tok, "ab")
+    assert ids.tolist() == tok("ab", add_special_tokens=False)["input_ids"]
+    assert tok.bos_token_id not in ids.tolist()
