@@ -122,9 +122,8 @@ def apply_rule(
             continue
         if (s.layer, s.post.channel) in taken_neurons:
             notes.append(
-                f"iteration {iteration}, layer {s.layer}: input neuron {s.post.channel} still "
-                f"spikes but already gave a weight; its other weights are not taken "
-                f"(termination rule)"
+                f"layer {s.layer}: input neuron {s.post.channel} still spikes after its weight "
+                f"was ablated; its other weights are not taken (termination rule)"
             )
             continue
         found.append(_candidate(model, s, iteration))
@@ -167,7 +166,7 @@ def locate(
         result = scan(model, texts, prepend_bos, ablation_hooks(model, ablated))
         scans.append(result)
         found, passed = apply_rule(model, result, criterion, iteration, taken)
-        notes.extend(passed)
+        notes.extend(note for note in passed if note not in notes)
         if not found:
             termination = f"iteration {iteration} exposed no new weight"
             break

@@ -22,6 +22,8 @@ import torch
 from sw_lens.errors import SwLensError
 
 SCHEMA_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 _VERSIONED = ["sw_lens", "torch", "transformers", "transformer-lens", "tokenizers", "gguf"]
 
 
@@ -91,6 +93,7 @@ def atomic_path(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 is for the temporary name only
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
