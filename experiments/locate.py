@@ -11,7 +11,7 @@ from pathlib import Path
 from _cli import run
 
 from sw_lens.corpora import DEFAULT_CORPUS, NAMED
-from sw_lens.figures import layer_maxima
+from sw_lens.figures import render_all
 from sw_lens.locate import Criterion
 from sw_lens.models import DEFAULT_MODEL, DTYPES, EMBEDDED
 from sw_lens.patching import WeightCoord
@@ -141,6 +141,11 @@ def print_report(doc: dict) -> None:
     print(f"  {'baseline':<45} {base['perplexity']:>10.3f}")
     for a in ppl["ablations"]:
         print(f"  {a['label'] + ' zeroed':<45} {a['perplexity']:>10.3f}  (x{a['ratio']:.3f})")
+    if doc["predictions"]:
+        pred = doc["predictions"]
+        print(f"\nnext token after {pred['prompt']!r}, before -> after {pred['label']} zeroed:")
+        for b, a in zip(pred["before"], pred["after"], strict=True):
+            print(f"  {b['token']!r:>14} {b['prob']:6.1%}    {a['token']!r:>14} {a['prob']:6.1%}")
 
 
 def main() -> None:
@@ -167,8 +172,8 @@ def main() -> None:
     print_report(doc)
     out = args.out or Path("out") / Path(args.model).name
     path = write_json(out / "results.json", doc)
-    figures = layer_maxima(doc, out)
-    print(f"\nwrote {path} and {', '.join(str(f) for f in figures)}")
+    figures = render_all(doc, out)
+    print(f"\nwrote {path} and {len(figures)} figure files in {out}")
 
 
 if __name__ == "__main__":

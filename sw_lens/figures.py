@@ -1,59 +1,294 @@
-"""Figures drawn from a results document only, never from a model.
+"""Paper figures and the token-loss page, drawn from a results document only.
 
-Because they read the saved JSON, figures can be restyled and regenerated in seconds
-(``experiments/figures.py``) without loading the model again.
+Nothing here loads a model: figures read the saved JSON, so they can be restyled and
+regenerated in seconds (``experiments/figures.py RESULTS.json``). Every figure is written
+as PDF and as PNG at 300 dpi, sized for one column of a two-column paper (3.4 in), with
+TransformerLens hook names on its axes and the model and prompt in a caption line and in
+the file's metadata.
 """
 
+import html
+import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from circuitsvis.tokens import colored_tokens  # noqa: E402
+from matplotlib.colors import SymLogNorm  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
+from sw_lens.errors import SwLensError  # noqa: E402
 from sw_lens.results import write_atomic  # noqa: E402
 
+COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
+DPI = 300
+STYLE = {
+    "font.size": 7,
+    "axes.titlesize": 7,
+    "axes.labelsize": 7,
+    "xtick.labelsize": 6,
+    "ytick.labelsize": 6,
+    "legend.fontsize": 6,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.linewidth": 0.6,
+    "lines.linewidth": 1.0,
+    "pdf.fonttype": 42,  # editable text in the PDF, as journals ask
+}
+BLUE, RED, GREY = "#1f77b4", "#d62728", "#7f7f7f"
+
+REQUIRED = [
+    "model.name",
+    "scan.layers",
+    "scan.prompts",
+    "scan.prepend_bos",
+    "candidates",
+    "super_weights",
+    "perplexity.baseline",
+    "perplexity.ablations",
+    "layer_activations",
+    "weight_distributions",
+    "token_loss",
+    "predictions",
+]
+
+
+def field(document: dict, path: str):
+    """`document["a"]["b"]` for ``path="a.b"``, or a one-line error naming the field."""
+    value = document
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise SwLensError(f"results file lacks the field '{path}'")
+        value = value[key]
+    return value
+
+
+def check_fields(document: dict) -> None:
+    for path in REQUIRED:
+        field(document, path)
+
+
+def caption(document: dict) -> str:
+    prompts = "; ".join(document["scan"]["prompts"])
+    bos = "BOS prepended" if document["scan"]["prepend_bos"] else "no BOS"
+    return f"{document['model']['name']}, prompt {prompts!r} ({bos})"
+
+
+def _save(fig, out_dir: Path, stem: str, document: dict, title: str) -> list[Path]:
+    """PDF and PNG with the caption in the figure and in the files' metadata."""
+    text = caption(document)
+    fig.supxlabel(text, fontsize=5, color=GREY)
+    paths = []
+    for fmt, meta in (
+        ("pdf", {"Title": title, "Subject": text, "Creator": "sw_lens"}),
+        ("png", {"Title": title, "Description": text, "Software": "sw_lens"}),
+    ):
+        path = Path(out_dir) / f"{stem}.{fmt}"
+        write_atomic(
+            path, lambda tmp, f=fmt, m=meta: fig.savefig(tmp, format=f, dpi=DPI, metadata=m)
+        )
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _figure(height: float, ncols: int = 1):
+    return plt.subplots(1, ncols, figsize=(COLUMN_WIDTH, height), layout="constrained")
+
+
 HOOKS = {
-    "post": ("down_proj_input_max", "max |blocks.{l}.mlp.hook_post|", "down-projection input"),
-    "mlp_out": ("down_proj_output_max", "max |blocks.{l}.hook_mlp_out|", "down-projection output"),
+    "post": ("down_proj_input_max", "blocks.{l}.mlp.hook_post", "down-projection input"),
+    "mlp_out": ("down_proj_output_max", "blocks.{l}.hook_mlp_out", "down-projection output"),
 }
 
 
 def layer_maxima(document: dict, out_dir: Path, log_scale: bool = True) -> list[Path]:
-    """The original project's two plots: per layer, the largest |down-projection input|
-    and |output| on the scanned prompt, with the super-weight layers marked."""
+    """Per layer, the largest |down-projection input| and |output| on the scanned prompt
+    (the original project's two plots), with the weights found marked and annotated."""
     layers = document["scan"]["layers"]
     marks = {c["layer"]: c for c in document["super_weights"] or document["candidates"]}
     paths = []
-    for key, (stem, ylabel, what) in HOOKS.items():
+    for key, (stem, hook, what) in HOOKS.items():
+        fig, ax = _figure(2.2)
         xs = [s["layer"] for s in layers]
-        ys = [abs(s[key]["value"]) for s in layers]
-        fig, ax = plt.subplots(figsize=(6.0, 3.2), layout="constrained")
-        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, color="tab:blue")
+        ax.plot(xs, [abs(s[key]["value"]) for s in layers], marker="o", markersize=2, color=BLUE)
         for layer, c in marks.items():
             spike = layers[layer][key]
             channel = c["col"] if key == "post" else c["row"]
-            ax.plot([layer], [abs(spike["value"])], marker="o", color="tab:red", markersize=6)
+            ax.plot(layer, abs(spike["value"]), "o", color=RED, markersize=4)
             ax.annotate(
-                f"layer {layer}, channel {channel}\ntoken {spike['token']!r}",
+                f"layer {layer}, ch {channel}\n{spike['token']!r}",
                 (layer, abs(spike["value"])),
+                xytext=(4, -2),
                 textcoords="offset points",
-                xytext=(6, -4),
-                fontsize=7,
+                fontsize=5,
                 va="top",
             )
-        if log_scale:
-            ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        ax.set_ylabel(ylabel.replace("{l}", "l"))
-        ax.set_title(f"{document['model']['name']}: max |{what}| per layer", fontsize=9)
-        prompts = "; ".join(document["scan"]["prompts"])
-        bos = "BOS prepended" if document["scan"]["prepend_bos"] else "no BOS"
-        fig.text(0.01, -0.02, f"prompt: {prompts!r} ({bos})", fontsize=6, va="top")
-        path = Path(out_dir) / f"{stem}.png"
-        write_atomic(
-            path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
+        ax.set_yscale("log" if log_scale else "linear")
+        ax.set_xlabel("layer l")
+        ax.set_ylabel(f"max |{hook}|")
+        ax.set_title(f"max |{what}| per layer (activation units)")
+        paths += _save(fig, out_dir, stem, document, f"max |{what}| per layer")
+    return paths
+
+
+def spike_heatmap(document: dict, out_dir: Path) -> list[Path]:
+    """Tokens x top channels of the first spike layer: the super activation sits on one
+    channel at a few tokens. Symmetric-log colours so 1e4 and 1 are both visible."""
+    if not document["layer_activations"]:
+        return []
+    acts = document["layer_activations"][0]
+    layer, tokens = acts["layer"], acts["tokens"]
+    fig, axes = _figure(0.9 + 0.12 * len(tokens), ncols=2)
+    for ax, key, hook in (
+        (axes[0], "post", f"blocks.{layer}.mlp.hook_post"),
+        (axes[1], "mlp_out", f"blocks.{layer}.hook_mlp_out"),
+    ):
+        values = np.array(acts[key])
+        limit = float(np.abs(values).max()) or 1.0
+        image = ax.imshow(
+            values,
+            aspect="auto",
+            cmap="RdBu_r",
+            norm=SymLogNorm(linthresh=1.0, vmin=-limit, vmax=limit),
+            interpolation="nearest",
         )
-        plt.close(fig)
-        paths.append(path)
+        channels = acts[f"{key}_channels"]
+        ax.set_xticks(range(len(channels)), [str(c) for c in channels], rotation=90, fontsize=4)
+        ax.set_yticks(range(len(tokens)), [repr(t) for t in tokens], fontsize=5)
+        ax.set_xlabel("channel (top by max |value|)")
+        ax.set_title(hook, fontsize=6)
+        fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=4)
+    return _save(fig, out_dir, "spike_heatmap", document, f"layer {layer} activations")
+
+
+def perplexity_bars(document: dict, out_dir: Path) -> list[Path]:
+    """Baseline against each ablation (and controls, when a results file has them)."""
+    ppl = document["perplexity"]
+    rows = [("baseline", ppl["baseline"]["perplexity"])]
+    rows += [(a["label"], a["perplexity"]) for a in ppl["ablations"]]
+    rows += [(c["label"], c["perplexity"]) for c in ppl.get("controls", [])]
+    fig, ax = _figure(0.8 + 0.28 * len(rows))
+    labels = [_short(label) for label, _ in rows]
+    values = [v for _, v in rows]
+    colors = [GREY] + [RED] * len(ppl["ablations"]) + [BLUE] * len(ppl.get("controls", []))
+    bars = ax.barh(range(len(rows)), values, color=colors, height=0.6)
+    ax.bar_label(bars, [f"{v:.2f}" for v in values], padding=2, fontsize=5)
+    ax.set_yticks(range(len(rows)), labels)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(min(values) / 1.5, max(values) * 3)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    base = ppl["baseline"]
+    ax.set_xlabel(f"perplexity ({base['corpus']}, {base['n_tokens']} tokens)")
+    ax.set_title(base["protocol_description"], fontsize=5)
+    return _save(fig, out_dir, "perplexity", document, "perplexity with weights zeroed")
+
+
+def _short(label: str) -> str:
+    """'layer 11 down_proj.weight[507, 1229]' -> 'L11 [507, 1229]' for a bar label."""
+    return re.sub(r"layer (\d+) down_proj\.weight", r"L\1 ", label)
+
+
+def weight_outlier(document: dict, out_dir: Path) -> list[Path]:
+    """The super weight against every weight of its matrix, with its z-score."""
+    if not document["weight_distributions"]:
+        return []
+    dist = document["weight_distributions"][0]
+    fig, ax = _figure(2.0)
+    edges, counts = np.array(dist["edges"]), np.array(dist["counts"])
+    ax.stairs(counts, edges, fill=True, color=BLUE, alpha=0.7)
+    ax.axvline(dist["value"], color=RED, linewidth=0.8)
+    ax.annotate(
+        f"down_proj.weight[{dist['row']}, {dist['col']}] = {dist['value']:.3g}\n"
+        f"z = {dist['z_score']:.1f}, rank {dist['rank']} of {dist['n_weights']:,} by |w|",
+        (dist["value"], counts.max()),
+        xytext=(-4, 0),
+        textcoords="offset points",
+        ha="right" if dist["value"] > 0 else "left",
+        va="top",
+        fontsize=5,
+        color=RED,
+    )
+    ax.set_yscale("log")
+    ax.set_xlabel(f"weight value, blocks.{dist['layer']}.mlp.W_out")
+    ax.set_ylabel("count")
+    ax.set_title(
+        f"layer {dist['layer']} down-projection weights (mean {dist['mean']:.2g}, "
+        f"std {dist['std']:.2g})"
+    )
+    return _save(fig, out_dir, "weight_outlier", document, "super weight among its matrix")
+
+
+def token_loss_page(document: dict, out_dir: Path) -> list[Path]:
+    """An HTML page (works offline: circuitsvis's JavaScript is inlined) colouring each
+    scored token by its loss increase when the weights are zeroed, and the top-k next-token
+    predictions on the case-study prompt before and after."""
+    loss, pred = document["token_loss"], document["predictions"]
+    if loss is None:
+        return []
+    deltas = loss["delta"]
+    limit = max(abs(d) for d in deltas) or 1.0
+    tokens_html = colored_tokens(
+        loss["tokens"],
+        deltas,
+        min_value=-limit,
+        max_value=limit,
+        negative_color="blue",
+        positive_color="red",
+    ).local_src
+    rows = "".join(
+        f"<tr><td>{html.escape(repr(b['token']))}</td><td>{b['prob']:.3f}</td>"
+        f"<td>{html.escape(repr(a['token']))}</td><td>{a['prob']:.3f}</td></tr>"
+        for b, a in zip(pred["before"], pred["after"], strict=True)
+    )
+    mean = sum(deltas) / len(deltas)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>sw_lens: {html.escape(loss["label"])}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{padding:0.2em 0.8em;border-bottom:1px solid #ddd}}</style>
+</head><body>
+<h1>{html.escape(document["model"]["name"])}: {html.escape(loss["label"])} zeroed</h1>
+<p>Per-token loss increase (nats) on the first {len(deltas)} scored tokens of
+{html.escape(document["perplexity"]["baseline"]["corpus"])}
+({html.escape(document["perplexity"]["baseline"]["protocol_description"])});
+red: the token became harder to predict. Mean increase {mean:.3f} nats.</p>
+{tokens_html}
+<h2>Next-token predictions for {html.escape(repr(pred["prompt"]))}</h2>
+<table><tr><th>before</th><th>p</th><th>after</th><th>p</th></tr>{rows}</table>
+<script type="application/json" id="sw-lens-token-loss">{_script_json(loss)}</script>
+</body></html>
+"""
+    path = Path(out_dir) / "token_loss.html"
+    write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return [path]
+
+
+def _script_json(data) -> str:
+    """JSON safe inside a <script> element (a token may contain '</script>')."""
+    return json.dumps(data).replace("</", "<\\/")
+
+
+FIGURES: list[Callable[[dict, Path], list[Path]]] = [
+    spike_heatmap,
+    perplexity_bars,
+    weight_outlier,
+    token_loss_page,
+]
+
+
+def render_all(document: dict, out_dir: Path, log_scale: bool = True) -> list[Path]:
+    """Every figure and the token-loss page of a locate results document."""
+    check_fields(document)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with plt.rc_context(STYLE):
+        paths = layer_maxima(document, out_dir, log_scale)
+        for draw in FIGURES:
+            paths += draw(document, out_dir)
     return paths

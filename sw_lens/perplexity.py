@@ -177,3 +177,27 @@ def evaluate(
         token_nll=token_nll,
         positions=torch.cat(positions),
     )
+
+
+def paired_token_loss(
+    tokenizer,
+    tokens: Int[Tensor, "n_tokens"],
+    baseline: PerplexityResult,
+    ablated: PerplexityResult,
+    limit: int,
+) -> dict:
+    """Per-token NLL before and after an ablation, for the first `limit` scored tokens in
+    corpus order: what the token-loss page colours. Both results must come from the same
+    tokens and protocol."""
+    if not torch.equal(baseline.positions, ablated.positions):
+        raise SwLensError("baseline and ablation were not scored on the same tokens")
+    order = baseline.positions.argsort()[:limit]
+    positions = baseline.positions[order]
+    before, after = baseline.token_nll[order], ablated.token_nll[order]
+    return {
+        "tokens": [tokenizer.decode([int(tokens[p])]) for p in positions],
+        "positions": positions.tolist(),
+        "baseline_nll": before.tolist(),
+        "ablated_nll": after.tolist(),
+        "delta": (after - before).tolist(),
+    }

@@ -12,12 +12,20 @@ import torch
 
 from sw_lens.corpora import DEFAULT_CORPUS, load_corpus, tokenize
 from sw_lens.errors import SwLensError
-from sw_lens.locate import Candidate, Criterion, locate, rank_by_effect
+from sw_lens.locate import Candidate, Criterion, LocateResult, locate, rank_by_effect
 from sw_lens.models import DEFAULT_MODEL, LoadedModel, load_model
+from sw_lens.outliers import weight_distribution
 from sw_lens.patching import WeightCoord, ablation_hooks, check_coords
-from sw_lens.perplexity import PerplexityResult, Protocol, check_window, evaluate
+from sw_lens.perplexity import (
+    PerplexityResult,
+    Protocol,
+    check_window,
+    evaluate,
+    paired_token_loss,
+)
+from sw_lens.predictions import CASE_STUDY_PROMPT, top_predictions
 from sw_lens.results import SCHEMA_VERSION, provenance
-from sw_lens.scan import ScanResult
+from sw_lens.scan import ScanResult, layer_activations
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,9 @@ class LocateConfig:
     iterations: int = 5
     criterion: Criterion = field(default_factory=Criterion)
     weights: list[WeightCoord] = field(default_factory=list)  # also measured, e.g. published
+    prediction_prompt: str = CASE_STUDY_PROMPT  # top-k next tokens before/after
+    html_tokens: int = 256  # scored tokens shown on the token-loss page
+    top_channels: int = 16  # channels per hook in the spike-layer heatmap
     trust_remote_code: bool = False
     seed: int = 0
 
@@ -63,6 +74,7 @@ def prompt_tokens(loaded: LoadedModel, prompts: list[str], prepend_bos: bool) ->
 
 
 def _ablation_entry(label: str, coords, result: PerplexityResult, baseline: PerplexityResult):
+    """One row of the perplexity table."""
     return {
         "label": label,
         "weights": [asdict(c) for c in coords],
@@ -92,6 +104,37 @@ def candidate_dict(c: Candidate) -> dict:
         "ppl_alone": c.ppl_alone,
         "effect": c.effect,
         "is_super": c.is_super,
+    }
+
+
+def ablation_sets(found: LocateResult, given: list[WeightCoord]) -> list[tuple[str, list]]:
+    """What the report measures at the full budget: each super weight alone, each given
+    weight alone, then all super weights together (all candidates when none is super).
+    The last set, when there is one, is the headline ablation of the figures."""
+    sets = [(str(c.coord), [c.coord]) for c in found.super_weights]
+    sets += [(f"{coord} (given)", [coord]) for coord in given]
+    if len(found.super_weights) > 1:
+        sets.append(("all super weights", [c.coord for c in found.super_weights]))
+    elif not found.super_weights and found.candidates:
+        sets.append(("all candidates", [c.coord for c in found.candidates]))
+    return sets
+
+
+def token_loss(loaded: LoadedModel, tokens, baseline, headline, config: LocateConfig) -> dict:
+    """Per-token loss before/after the headline ablation, for the token-loss page."""
+    label, coords, ablated = headline
+    paired = paired_token_loss(loaded.tokenizer, tokens, baseline, ablated, config.html_tokens)
+    return {"label": label, "weights": [asdict(c) for c in coords]} | paired
+
+
+def predictions(model, ids, headline, config: LocateConfig) -> dict:
+    """Top-k next tokens on the case-study prompt before/after the headline ablation."""
+    label, coords, _ = headline
+    return {
+        "prompt": config.prediction_prompt,
+        "label": label,
+        "before": top_predictions(model, ids),
+        "after": top_predictions(model, ids, fwd_hooks=ablation_hooks(model, coords)),
     }
 
 
@@ -126,25 +169,15 @@ def run_locate(config: LocateConfig) -> dict:
     rank_by_effect(model, found, tokens, rank_protocol, corpus.name)
 
     baseline = evaluate(model, tokens, protocol, corpus.name, desc="baseline")
-    chosen = found.super_weights or found.candidates
-    ablations = []
-    if found.super_weights:
-        for c in found.super_weights:
-            hooks = ablation_hooks(model, [c.coord])
-            alone = evaluate(model, tokens, protocol, corpus.name, hooks, desc=f"{c.coord}")
-            ablations.append(_ablation_entry(str(c.coord), [c.coord], alone, baseline))
-    for coord in config.weights:
-        given = evaluate(
-            model, tokens, protocol, corpus.name, ablation_hooks(model, [coord]), desc=str(coord)
+    measured = []
+    for label, coords in ablation_sets(found, config.weights):
+        hooks = ablation_hooks(model, coords)
+        measured.append(
+            (label, coords, evaluate(model, tokens, protocol, corpus.name, hooks, desc=label))
         )
-        ablations.append(_ablation_entry(f"{coord} (given)", [coord], given, baseline))
-    if len(chosen) > 1 or (chosen and not found.super_weights):
-        coords = [c.coord for c in chosen]
-        label = "all super weights" if found.super_weights else "all candidates"
-        together = evaluate(
-            model, tokens, protocol, corpus.name, ablation_hooks(model, coords), desc=label
-        )
-        ablations.append(_ablation_entry(label, coords, together, baseline))
+    shown = found.super_weights or found.candidates
+    headline = measured[-1] if measured else None
+    prediction_ids = prompt_tokens(loaded, [config.prediction_prompt], prepend_bos)[0]
 
     cfg = model.cfg
     return {
@@ -169,6 +202,16 @@ def run_locate(config: LocateConfig) -> dict:
         "candidates": [candidate_dict(c) for c in found.candidates],
         "super_weights": [candidate_dict(c) for c in found.super_weights],
         "ranking": found.ranking.to_dict(),
-        "perplexity": {"baseline": baseline.to_dict(), "ablations": ablations},
+        "perplexity": {
+            "baseline": baseline.to_dict(),
+            "ablations": [_ablation_entry(*m, baseline) for m in measured],
+        },
+        "token_loss": headline and token_loss(loaded, tokens, baseline, headline, config),
+        "predictions": headline and predictions(model, prediction_ids, headline, config),
+        "layer_activations": [
+            asdict(layer_activations(model, texts[c.post.text], layer, config.top_channels))
+            for layer, c in sorted({c.coord.layer: c for c in shown}.items())
+        ],
+        "weight_distributions": [asdict(weight_distribution(model, c.coord)) for c in shown],
         "provenance": provenance(loaded.device, loaded.dtype, config.seed),
     }

@@ -218,3 +218,40 @@ def scan_with_cache(
             )
         caches.append(cache)
     return reducer.result(prepend_bos, texts), caches
+
+
+@dataclass
+class LayerActivations:
+    """One layer's down-projection input and output on one text, at its top channels."""
+
+    layer: int
+    tokens: list[str]
+    post_channels: list[int]  # hook_post channels, largest max |value| first
+    post: list[list[float]]  # [pos][channel]
+    mlp_out_channels: list[int]
+    mlp_out: list[list[float]]
+
+
+def layer_activations(
+    model: TransformerBridge, ids: Int[Tensor, "pos"], layer: int, top_k: int = 16
+) -> LayerActivations:
+    """The `top_k` channels of each hook by max |value| over the text, for a heatmap that
+    shows whether a super activation sits on one channel at a few tokens."""
+    names = [POST.format(layer), MLP_OUT.format(layer)]
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(
+            ids[None].to(model.cfg.device), names_filter=names.__contains__
+        )
+    top = {}
+    for name in names:
+        act: Float[Tensor, "pos channel"] = cache[name][0].float().cpu()
+        channels = act.abs().amax(0).topk(min(top_k, act.shape[-1])).indices
+        top[name] = (channels.tolist(), act[:, channels].tolist())
+    return LayerActivations(
+        layer=layer,
+        tokens=[_token(model, ids, pos) for pos in range(len(ids))],
+        post_channels=top[names[0]][0],
+        post=top[names[0]][1],
+        mlp_out_channels=top[names[1]][0],
+        mlp_out=top[names[1]][1],
+    )

@@ -69,8 +69,17 @@ def test_locate_finds_the_planted_weight_and_writes_results(tiny_dir, corpus_fil
     assert doc["scan"]["prepend_bos"] is False
     assert doc["provenance"]["device"] == "cpu" and doc["provenance"]["versions"]
     assert doc["criterion"]["min_ppl_ratio"] == 0 and "median" in doc["criterion"]["description"]
-    for png in ("down_proj_input_max.png", "down_proj_output_max.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stems = [
+        "down_proj_input_max",
+        "down_proj_output_max",
+        "spike_heatmap",
+        "perplexity",
+        "weight_outlier",
+    ]
+    for stem in stems:
+        assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+    assert (out / "token_loss.html").is_file()
     assert f"layer  {ONE.layer} down_proj.weight[{ONE.row}, {ONE.col}]" in done.stdout
     assert "tokens scored" in done.stdout
 
