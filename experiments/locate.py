@@ -1,19 +1,23 @@
 """Find the super weights of a causal LM and measure what zeroing them does to perplexity.
 
 With no arguments: the embedded SmolLM2-135M-Instruct on the embedded Lee corpus,
-offline, on CPU in a few minutes. Writes results.json and the two per-layer plots into
---out.
+offline, on CPU in about a minute. Writes results.json and every figure into --out.
 """
 
 import argparse
 from pathlib import Path
 
-from _cli import run
+from _cli import (
+    add_corpus_args,
+    add_loading_args,
+    add_rule_args,
+    criterion,
+    positive_int,
+    run,
+)
 
-from sw_lens.corpora import DEFAULT_CORPUS, NAMED
 from sw_lens.figures import render_all
-from sw_lens.locate import Criterion
-from sw_lens.models import DEFAULT_MODEL, DTYPES, EMBEDDED
+from sw_lens.models import DEFAULT_MODEL, EMBEDDED
 from sw_lens.patching import WeightCoord
 from sw_lens.pipeline import PAPER_PROMPT, LocateConfig, run_locate
 from sw_lens.results import write_json
@@ -35,47 +39,25 @@ def parse_args() -> argparse.Namespace:
         "--model",
         default=DEFAULT_MODEL,
         help=f"hub id (e.g. gpt2, Qwen/Qwen2.5-3B; HF cache works offline), HF-format "
-        f"directory, .gguf file, or embedded: {', '.join(EMBEDDED)}",
-    )
-    p.add_argument(
-        "--text",
-        default=DEFAULT_CORPUS,
-        help=f"perplexity corpus: a UTF-8 file or one of {', '.join(NAMED)}",
+        f"directory, .gguf file, nanoGPT ckpt.pt, or embedded: {', '.join(EMBEDDED)}",
     )
     p.add_argument(
         "--prompt",
         action="append",
-        help=f"text to scan for spikes; repeat for several (default: {PAPER_PROMPT!r})",
+        help=f"text to scan for spikes; repeat for several; none given: {PAPER_PROMPT!r}",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--max-tokens", type=int, default=4096, help="corpus tokens for perplexity")
-    p.add_argument("--rank-tokens", type=int, default=1024, help="corpus tokens per effect ranking")
-    p.add_argument("--window", type=int, default=512, help="tokens per window, BOS included")
-    p.add_argument("--stride", type=int, help="sliding-window stride (default: non-overlapping)")
-    p.add_argument("--batch-size", type=int, default=4)
+    add_loading_args(p)
+    add_corpus_args(p, max_tokens=4096)
+    p.add_argument(
+        "--rank-tokens", type=positive_int, default=1024, help="corpus tokens per effect ranking"
+    )
     p.add_argument(
         "--bos",
         default="auto",
         choices=["auto", "yes", "no"],
-        help="prepend BOS (auto: as the tokenizer does)",
+        help="prepend BOS (auto: as the model's tokenizer does)",
     )
-    p.add_argument("--iterations", type=int, default=5, help="maximum scans (ablate, rescan)")
-    p.add_argument(
-        "--threshold", type=float, default=Criterion.min_abs, help="min |activation| of a spike"
-    )
-    p.add_argument(
-        "--min-ratio",
-        type=float,
-        default=Criterion.min_ratio,
-        help="min spike / median over layers of the same hook's spike",
-    )
-    p.add_argument(
-        "--min-ppl-ratio",
-        type=float,
-        default=Criterion.min_ppl_ratio,
-        help="perplexity ratio (zeroed alone / baseline) to call a weight super",
-    )
+    add_rule_args(p)
     p.add_argument(
         "--weight",
         action="append",
@@ -87,12 +69,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output directory (default: out/<model>)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    if args.max_tokens <= 0 or args.rank_tokens <= 0:
-        p.error("--max-tokens and --rank-tokens must be positive")
-    if args.iterations <= 0:
-        p.error("--iterations must be positive")
-    return args
+    return p.parse_args()
 
 
 def print_report(doc: dict) -> None:
@@ -127,10 +104,12 @@ def print_report(doc: dict) -> None:
         print("  none: no layer met the criterion")
     for c in doc["candidates"]:
         verdict = "SUPER WEIGHT" if c["is_super"] else "no large effect"
+        i, j = c["checkpoint_index"]
         print(
             f"  layer {c['layer']:>2} down_proj.weight[{c['row']}, {c['col']}] = {c['value']:+.4f}"
-            f"  (W_out[{c['layer']}][{c['col']}, {c['row']}]; iteration {c['iteration']}, "
-            f"{c['role']}, token {c['token']!r})  ppl x{c['effect']:.3f}  {verdict}"
+            f"  (W_out[{c['layer']}][{c['col']}, {c['row']}], {c['checkpoint_param']}[{i}, {j}]; "
+            f"iteration {c['iteration']}, {c['role']}, token {c['token']!r})"
+            f"  ppl x{c['effect']:.3f}  {verdict}"
         )
     ppl = doc["perplexity"]
     base = ppl["baseline"]
@@ -163,9 +142,10 @@ def main() -> None:
         rank_tokens=args.rank_tokens,
         bos=args.bos,
         iterations=args.iterations,
-        criterion=Criterion(args.threshold, args.min_ratio, args.min_ppl_ratio),
+        criterion=criterion(args),
         weights=args.weight,
         trust_remote_code=args.trust_remote_code,
+        tokenizer=args.tokenizer,
         seed=args.seed,
     )
     doc = run_locate(config)

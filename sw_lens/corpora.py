@@ -70,10 +70,20 @@ def _wikitext2() -> str:
     return "\n\n".join(rows["text"])
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> Int[Tensor, "n_tokens"]:
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, text: str, d_vocab: int | None = None
+) -> Int[Tensor, "n_tokens"]:
     """Token ids of `text` with no special tokens: BOS is the perplexity protocol's choice,
-    not the tokenizer's."""
+    not the tokenizer's. With `d_vocab`, ids the model has no embedding for (a character
+    outside a char-level vocabulary) are refused here rather than crashing a forward."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise SwLensError("the text produced no tokens")
-    return torch.tensor(ids, dtype=torch.long)
+    tokens = torch.tensor(ids, dtype=torch.long)
+    if d_vocab is not None and int(tokens.max()) >= d_vocab:
+        bad = tokenizer.decode([int(tokens[tokens >= d_vocab][0])])
+        raise SwLensError(
+            f"the text has tokens outside the model's vocabulary of {d_vocab} (e.g. {bad!r}); "
+            f"use a text the tokenizer covers"
+        )
+    return tokens

@@ -79,9 +79,8 @@ def caption(document: dict) -> str:
     return f"{document['model']['name']}, prompt {prompts!r} ({bos})"
 
 
-def _save(fig, out_dir: Path, stem: str, document: dict, title: str) -> list[Path]:
-    """PDF and PNG with the caption in the figure and in the files' metadata."""
-    text = caption(document)
+def _save(fig, out_dir: Path, stem: str, text: str, title: str) -> list[Path]:
+    """PDF and PNG with the caption `text` in the figure and in the files' metadata."""
     fig.supxlabel(text, fontsize=5, color=GREY)
     paths = []
     for fmt, meta in (
@@ -133,7 +132,7 @@ def layer_maxima(document: dict, out_dir: Path, log_scale: bool = True) -> list[
         ax.set_xlabel("layer l")
         ax.set_ylabel(f"max |{hook}|")
         ax.set_title(f"max |{what}| per layer (activation units)")
-        paths += _save(fig, out_dir, stem, document, f"max |{what}| per layer")
+        paths += _save(fig, out_dir, stem, caption(document), f"max |{what}| per layer")
     return paths
 
 
@@ -164,7 +163,7 @@ def spike_heatmap(document: dict, out_dir: Path) -> list[Path]:
         ax.set_xlabel("channel (top by max |value|)")
         ax.set_title(hook, fontsize=6)
         fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=4)
-    return _save(fig, out_dir, "spike_heatmap", document, f"layer {layer} activations")
+    return _save(fig, out_dir, "spike_heatmap", caption(document), f"layer {layer} activations")
 
 
 def perplexity_bars(document: dict, out_dir: Path) -> list[Path]:
@@ -188,7 +187,7 @@ def perplexity_bars(document: dict, out_dir: Path) -> list[Path]:
     base = ppl["baseline"]
     ax.set_xlabel(f"perplexity ({base['corpus']}, {base['n_tokens']} tokens)")
     ax.set_title(base["protocol_description"], fontsize=5)
-    return _save(fig, out_dir, "perplexity", document, "perplexity with weights zeroed")
+    return _save(fig, out_dir, "perplexity", caption(document), "perplexity with weights zeroed")
 
 
 def _short(label: str) -> str:
@@ -223,7 +222,7 @@ def weight_outlier(document: dict, out_dir: Path) -> list[Path]:
         f"layer {dist['layer']} down-projection weights (mean {dist['mean']:.2g}, "
         f"std {dist['std']:.2g})"
     )
-    return _save(fig, out_dir, "weight_outlier", document, "super weight among its matrix")
+    return _save(fig, out_dir, "weight_outlier", caption(document), "super weight among its matrix")
 
 
 def token_loss_page(document: dict, out_dir: Path) -> list[Path]:
@@ -292,3 +291,48 @@ def render_all(document: dict, out_dir: Path, log_scale: bool = True) -> list[Pa
         for draw in FIGURES:
             paths += draw(document, out_dir)
     return paths
+
+
+def track_figure(document: dict, out_dir: Path) -> list[Path]:
+    """Across training: the spike of every layer that ever meets the rule (or is the
+    largest), and the value of each super weight where the rule finds it."""
+    records = document["checkpoints"]
+    steps = [r["iter_num"] if r["iter_num"] is not None else i for i, r in enumerate(records)]
+    layers = sorted(
+        {c["layer"] for r in records for c in r["candidates"]}
+        | {r["spike"]["layer"] for r in records}
+    )
+    with plt.rc_context(STYLE):
+        fig, (top, bottom) = plt.subplots(
+            2, 1, figsize=(COLUMN_WIDTH, 3.6), sharex=True, layout="constrained"
+        )
+        for layer in layers:
+            top.plot(
+                steps,
+                [r["max_mlp_out"][layer] for r in records],
+                marker="o",
+                markersize=2,
+                label=f"layer {layer}",
+            )
+        top.set_yscale("log")
+        top.set_ylabel("max |blocks.l.hook_mlp_out|")
+        top.legend(frameon=False, ncols=2)
+        weights = sorted(
+            {(c["layer"], c["row"], c["col"]) for r in records for c in r["candidates"]}
+        )
+        for layer, row, col in weights:
+            points = [
+                (step, c["value"])
+                for step, r in zip(steps, records, strict=True)
+                for c in r["candidates"]
+                if (c["layer"], c["row"], c["col"]) == (layer, row, col)
+            ]
+            xs, ys = zip(*points, strict=True)
+            bottom.plot(xs, ys, marker="o", markersize=3, label=f"L{layer} [{row}, {col}]")
+        bottom.axhline(0, color=GREY, linewidth=0.5)
+        bottom.set_ylabel("super weight value")
+        bottom.set_xlabel("training step (iter_num)")
+        if weights:
+            bottom.legend(frameon=False, ncols=2)
+        text = f"{len(records)} checkpoints, prompt {document['prompt']!r}"
+        return _save(fig, out_dir, "track", text, "super weights across training")

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -30,6 +31,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from sw_lens import nanogpt
 from sw_lens.errors import SwLensError
 from sw_lens.packaged import package_file
 
@@ -72,6 +74,9 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     adds_bos: bool  # the tokenizer's own convention, before the bridge overrides it
+    iter_num: int | None  # training step, for nanoGPT checkpoints
+    # (layer, row, col) -> (parameter name, index) in the checkpoint file's own layout
+    checkpoint_weight: Callable[[int, int, int], tuple[str, tuple[int, int]]]
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -212,11 +217,15 @@ def load_model(
     device: str = "auto",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    tokenizer_name: str | None = None,
 ) -> LoadedModel:
-    """Load `name` (embedded name, ``.gguf`` file, HF directory or hub id) as a bridge in
-    eval mode, with raw (unprocessed) weights, on `device` in `dtype`."""
+    """Load `name` (embedded name, ``.gguf`` file, nanoGPT ``.pt`` checkpoint, HF
+    directory or hub id) as a bridge in eval mode, with raw (unprocessed) weights, on
+    `device` in `dtype`. `tokenizer_name` is for nanoGPT checkpoints (meta.pkl or an HF
+    tokenizer); other sources carry their own."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     path = Path(name).expanduser()
+    iter_num, checkpoint_weight = None, None
     if name in EMBEDDED:
         source, location = "embedded", str(_embedded_snapshot(name))
         model, tokenizer = _load_pretrained(location, name, torch_dtype, False)
@@ -224,6 +233,10 @@ def load_model(
         source, location = "gguf", str(path.resolve())
         model, tokenizer = _load_gguf(path, torch_dtype)
         _check_architecture(model.config, name)
+    elif path.is_file() and path.suffix == ".pt":
+        source, location = "nanogpt", str(path.resolve())
+        model, tokenizer, iter_num = _load_nanogpt(path, tokenizer_name)
+        checkpoint_weight = nanogpt.checkpoint_weight
     elif path.is_dir():
         if not (path / "config.json").is_file():
             found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
@@ -232,11 +245,10 @@ def load_model(
         model, tokenizer = _load_pretrained(location, name, torch_dtype, trust_remote_code)
     elif path.exists():
         raise SwLensError(
-            f"unsupported model file '{name}': expected an HF-format directory or a .gguf file"
+            f"unsupported model file '{name}': expected an HF-format directory, a .gguf file "
+            f"or a nanoGPT .pt checkpoint"
         )
-    elif path.suffix in {".gguf", ".pt", ".bin", ".safetensors"} or name.startswith(
-        (".", "/", "~")
-    ):
+    elif path.suffix in MODEL_SUFFIXES or name.startswith((".", "/", "~")):
         raise SwLensError(f"model path '{name}' does not exist")
     else:
         source, location = "hub", name
@@ -251,7 +263,39 @@ def load_model(
     )
     bridge.eval()
     _check_hooks(bridge, name)
-    return LoadedModel(bridge, name, source, location, torch_device, torch_dtype, adds_bos)
+    return LoadedModel(
+        bridge,
+        name,
+        source,
+        location,
+        torch_device,
+        torch_dtype,
+        adds_bos,
+        iter_num,
+        checkpoint_weight or _hf_checkpoint_weight(bridge),
+    )
+
+
+def _hf_checkpoint_weight(bridge: TransformerBridge):
+    """Checkpoint coordinates of a weight when the checkpoint is the HF model itself."""
+
+    def where(layer: int, row: int, col: int) -> tuple[str, tuple[int, int]]:
+        name, transposed = down_proj_parameter(bridge, layer)
+        return name, (row, col) if transposed else (col, row)
+
+    return where
+
+
+def _load_nanogpt(path: Path, tokenizer_name: str | None):
+    checkpoint = nanogpt.read_checkpoint(path)
+    model = nanogpt.to_gpt2(checkpoint)
+    tokenizer = nanogpt.load_tokenizer(path, checkpoint, tokenizer_name, embedded_cache_dir())
+    if len(tokenizer) > model.config.vocab_size + 1:  # +1: the char tokenizer's <unk>
+        raise SwLensError(
+            f"tokenizer has {len(tokenizer)} tokens but the checkpoint's vocab_size is "
+            f"{model.config.vocab_size}: wrong --tokenizer?"
+        )
+    return model, tokenizer, checkpoint.iter_num
 
 
 def down_proj_parameter(bridge: TransformerBridge, layer: int) -> tuple[str, bool]:

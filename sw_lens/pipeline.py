@@ -52,6 +52,7 @@ class LocateConfig:
     html_tokens: int = 256  # scored tokens shown on the token-loss page
     top_channels: int = 16  # channels per hook in the spike-layer heatmap
     trust_remote_code: bool = False
+    tokenizer: str | None = None  # nanoGPT: meta.pkl or an HF tokenizer
     seed: int = 0
 
 
@@ -85,8 +86,9 @@ def _ablation_entry(label: str, coords, result: PerplexityResult, baseline: Perp
     }
 
 
-def candidate_dict(c: Candidate) -> dict:
+def candidate_dict(c: Candidate, loaded: LoadedModel) -> dict:
     layer, row, col = c.coord.layer, c.coord.row, c.coord.col
+    checkpoint_param, checkpoint_index = loaded.checkpoint_weight(layer, row, col)
     return {
         "layer": layer,
         "row": row,
@@ -95,6 +97,8 @@ def candidate_dict(c: Candidate) -> dict:
         "w_out_index": list(c.coord.w_out_index),
         "hf_param": c.hf_param,
         "hf_index": list(c.hf_index),
+        "checkpoint_param": checkpoint_param,  # in the loaded file's own layout
+        "checkpoint_index": list(checkpoint_index),
         "iteration": c.iteration,
         "role": c.role,
         "token": c.mlp_out.token,
@@ -150,7 +154,9 @@ def scan_dict(result: ScanResult, prompts: list[str]) -> dict:
 def run_locate(config: LocateConfig) -> dict:
     """Run the pipeline and return its results document."""
     torch.manual_seed(config.seed)
-    loaded = load_model(config.model, config.device, config.dtype, config.trust_remote_code)
+    loaded = load_model(
+        config.model, config.device, config.dtype, config.trust_remote_code, config.tokenizer
+    )
     model = loaded.bridge
     check_coords(model, config.weights)
     prepend_bos = resolve_bos(config, loaded)
@@ -162,7 +168,7 @@ def run_locate(config: LocateConfig) -> dict:
     )
     check_window(model, protocol)
     corpus = load_corpus(config.text)
-    tokens = tokenize(loaded.tokenizer, corpus.text)
+    tokens = tokenize(loaded.tokenizer, corpus.text, model.cfg.d_vocab)
     texts = prompt_tokens(loaded, config.prompts, prepend_bos)
 
     found = locate(model, texts, prepend_bos, config.criterion, config.iterations)
@@ -192,6 +198,7 @@ def run_locate(config: LocateConfig) -> dict:
             "d_model": cfg.d_model,
             "d_mlp": cfg.d_mlp,
             "n_ctx": cfg.n_ctx,
+            "iter_num": loaded.iter_num,
         },
         "config": asdict(config),
         "scan": scan_dict(found.scans[0], config.prompts),
@@ -199,8 +206,8 @@ def run_locate(config: LocateConfig) -> dict:
         "iterations": len(found.scans),
         "termination": found.termination,
         "notes": found.notes,
-        "candidates": [candidate_dict(c) for c in found.candidates],
-        "super_weights": [candidate_dict(c) for c in found.super_weights],
+        "candidates": [candidate_dict(c, loaded) for c in found.candidates],
+        "super_weights": [candidate_dict(c, loaded) for c in found.super_weights],
         "ranking": found.ranking.to_dict(),
         "perplexity": {
             "baseline": baseline.to_dict(),

@@ -1,0 +1,63 @@
+"""Super weights across training: scan each nanoGPT (or any) checkpoint on the same
+prompt and report, per checkpoint by iter_num, the largest down-projection spike and the
+super weights the rule finds, with their values. Writes track.json, track.csv and a
+figure (spike and super-weight value against training step).
+"""
+
+import argparse
+import csv
+import io
+from pathlib import Path
+
+from _cli import add_corpus_args, add_loading_args, add_rule_args, criterion, run
+
+from sw_lens.figures import track_figure
+from sw_lens.perplexity import Protocol
+from sw_lens.pipeline import PAPER_PROMPT
+from sw_lens.results import write_atomic, write_json
+from sw_lens.track import CSV_COLUMNS, checkpoint_paths, csv_rows, track
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files, or folders of *.pt files")
+    p.add_argument("--prompt", default=PAPER_PROMPT, help="text scanned in every checkpoint")
+    add_loading_args(p)
+    add_rule_args(p)
+    p.add_argument("--ppl", action="store_true", help="also measure perplexity per checkpoint")
+    add_corpus_args(p, max_tokens=2048)
+    p.add_argument("--out", type=Path, default=Path("out/track"), help="output directory")
+    args = p.parse_args()
+    paths = checkpoint_paths(args.checkpoints)
+    ppl = None
+    if args.ppl:
+        protocol = Protocol(args.window, args.stride, False, args.max_tokens, args.batch_size)
+        ppl = (protocol, args.text)
+    document = track(
+        paths,
+        args.prompt,
+        criterion(args),
+        args.iterations,
+        args.device,
+        args.dtype,
+        args.tokenizer,
+        ppl,
+    )
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(csv_rows(document))
+    write_json(args.out / "track.json", document)
+    write_atomic(args.out / "track.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+    figures = track_figure(document, args.out)
+    print(f"{'iter_num':>9}  {'largest spike':<32} super weights")
+    for row in csv_rows(document):
+        spike = f"layer {row['spike_layer']} |out| {row['spike_magnitude']:.1f} ({row['token']!r})"
+        print(f"{row['iter_num']!s:>9}  {spike:<32} {row['weights'] or '-'}")
+    print(f"\nwrote {args.out / 'track.json'}, track.csv and {len(figures)} figure files")
+
+
+if __name__ == "__main__":
+    run(main)

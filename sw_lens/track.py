@@ -1,0 +1,173 @@
+"""Super weights across training checkpoints: when do they appear, and how large are they?
+
+Each checkpoint is loaded, scanned on the same prompt and run through the same rule;
+optionally its perplexity is measured with and without what was found. Checkpoints are
+processed one at a time, so memory holds one model.
+"""
+
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from sw_lens.corpora import load_corpus, tokenize
+from sw_lens.errors import SwLensError
+from sw_lens.locate import Criterion, locate
+from sw_lens.models import load_model, resolve_device, resolve_dtype
+from sw_lens.patching import ablation_hooks
+from sw_lens.perplexity import Protocol, check_window, evaluate
+from sw_lens.pipeline import prompt_tokens
+from sw_lens.results import SCHEMA_VERSION, provenance
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_paths(inputs: list[str]) -> list[Path]:
+    """Files as given; folders contribute their ``*.pt`` files."""
+    paths = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(path.glob("*.pt"))
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise SwLensError(f"checkpoint '{item}' does not exist")
+    if not paths:
+        raise SwLensError(f"no checkpoints (*.pt) in {', '.join(inputs)}")
+    return paths
+
+
+def track_checkpoint(
+    path: Path,
+    prompt: str,
+    criterion: Criterion,
+    iterations: int,
+    device: str,
+    dtype: str,
+    tokenizer: str | None,
+    ppl: tuple[Protocol, str] | None,
+) -> dict:
+    loaded = load_model(str(path), device, dtype, tokenizer_name=tokenizer)
+    model = loaded.bridge
+    texts = prompt_tokens(loaded, [prompt], loaded.adds_bos)
+    found = locate(model, texts, loaded.adds_bos, criterion, iterations)
+    layers = found.scans[0].layers
+    spike = max(layers, key=lambda s: s.mlp_out.magnitude)
+    record = {
+        "path": str(path),
+        "iter_num": loaded.iter_num,
+        "spike": {
+            "layer": spike.layer,
+            "magnitude": spike.mlp_out.magnitude,
+            "post_channel": spike.post.channel,
+            "mlp_out_channel": spike.mlp_out.channel,
+            "token": spike.mlp_out.token,
+        },
+        "max_post": [s.post.magnitude for s in layers],
+        "max_mlp_out": [s.mlp_out.magnitude for s in layers],
+        "candidates": [
+            asdict(c.coord)
+            | {"value": c.value, "role": c.role, "iteration": c.iteration}
+            | dict(
+                zip(
+                    ("checkpoint_param", "checkpoint_index"),
+                    loaded.checkpoint_weight(c.coord.layer, c.coord.row, c.coord.col),
+                    strict=True,
+                )
+            )
+            for c in found.candidates
+        ],
+        "perplexity": None,
+    }
+    if ppl is not None:
+        protocol, text = ppl
+        protocol = replace(protocol, prepend_bos=loaded.adds_bos)  # the model's convention
+        check_window(model, protocol)
+        corpus = load_corpus(text)
+        tokens = tokenize(loaded.tokenizer, corpus.text, model.cfg.d_vocab)
+        baseline = evaluate(model, tokens, protocol, corpus.name, desc="baseline")
+        creators = [c.coord for c in found.candidates if c.role == "creates"]
+        ablated = (
+            evaluate(
+                model,
+                tokens,
+                protocol,
+                corpus.name,
+                ablation_hooks(model, creators),
+                desc="ablated",
+            )
+            if creators
+            else None
+        )
+        record["perplexity"] = {
+            "baseline": baseline.to_dict(),
+            "ablated": ablated and ablated.to_dict(),
+        }
+    return record
+
+
+def track(
+    paths: list[Path],
+    prompt: str,
+    criterion: Criterion = Criterion(),
+    iterations: int = 5,
+    device: str = "auto",
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+    ppl: tuple[Protocol, str] | None = None,
+    seed: int = 0,
+) -> dict:
+    """The track document: one record per checkpoint, in training order."""
+    records = []
+    for path in paths:
+        log.info("checkpoint %s", path)
+        records.append(
+            track_checkpoint(path, prompt, criterion, iterations, device, dtype, tokenizer, ppl)
+        )
+    records.sort(key=lambda r: (r["iter_num"] is None, r["iter_num"] or 0, r["path"]))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "track",
+        "prompt": prompt,
+        "criterion": asdict(criterion) | {"description": criterion.describe()},
+        "checkpoints": records,
+        "provenance": provenance(resolve_device(device), resolve_dtype(dtype), seed),
+    }
+
+
+CSV_COLUMNS = [
+    "iter_num",
+    "path",
+    "spike_layer",
+    "spike_magnitude",
+    "post_channel",
+    "mlp_out_channel",
+    "token",
+    "weights",
+    "ppl_baseline",
+    "ppl_ablated",
+]
+
+
+def csv_rows(document: dict) -> list[dict]:
+    """One row per checkpoint; weights as ``layer:row,col=value`` joined by ``;``."""
+    rows = []
+    for r in document["checkpoints"]:
+        ppl = r["perplexity"] or {}
+        rows.append(
+            {
+                "iter_num": r["iter_num"],
+                "path": r["path"],
+                "spike_layer": r["spike"]["layer"],
+                "spike_magnitude": r["spike"]["magnitude"],
+                "post_channel": r["spike"]["post_channel"],
+                "mlp_out_channel": r["spike"]["mlp_out_channel"],
+                "token": r["spike"]["token"],
+                "weights": ";".join(
+                    f"{c['layer']}:{c['row']},{c['col']}={c['value']:.6g}" for c in r["candidates"]
+                ),
+                "ppl_baseline": ppl.get("baseline", {}).get("perplexity") if ppl else None,
+                "ppl_ablated": (ppl.get("ablated") or {}).get("perplexity") if ppl else None,
+            }
+        )
+    return rows
