@@ -49,8 +49,11 @@ def read_text_file(path: Path) -> str:
     if not path.is_file():
         named = ", ".join(NAMED)
         raise SwLensError(f"text '{path}' is neither a file nor a named corpus ({named})")
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise SwLensError(f"text file '{path}' looks binary (it has NUL bytes): give UTF-8 text")
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise SwLensError(f"text file '{path}' is not UTF-8 (byte {err.start})") from None
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import platformdirs
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
@@ -34,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from sw_lens import nanogpt
 from sw_lens.errors import SwLensError
 from sw_lens.packaged import package_file
+from sw_lens.resources import check_fits
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +179,11 @@ def _check_architecture(config, name: str) -> None:
         ) from None
 
 
-def _load_pretrained(location: str, name: str, dtype: torch.dtype, trust_remote_code: bool):
-    """A hub id or HF-format directory; hub ids resolve through the HF cache."""
+def _load_pretrained(
+    location: str, name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool
+):
+    """A hub id or HF-format directory; hub ids resolve through the HF cache. The memory it
+    needs is checked from its config before any weight is read."""
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except OSError:
@@ -189,14 +194,20 @@ def _load_pretrained(location: str, name: str, dtype: torch.dtype, trust_remote_
             f"directory, a .gguf file, or one of the embedded models: {', '.join(EMBEDDED)}"
         ) from None
     except ValueError as err:
+        if "custom code" in str(err) or "trust_remote_code" in str(err):
+            raise SwLensError(
+                f"cannot load '{name}': it ships Python code that would have to run; pass "
+                f"--trust-remote-code only if you trust it"
+            ) from None
         raise SwLensError(f"cannot load '{name}': {_first_line(err)}") from None
     _check_architecture(config, name)
+    check_fits(config, name, device, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=dtype, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise SwLensError(f"cannot load '{name}': {_first_line(err)}") from None
     return model, tokenizer
 
@@ -228,7 +239,7 @@ def load_model(
     iter_num, checkpoint_weight = None, None
     if name in EMBEDDED:
         source, location = "embedded", str(_embedded_snapshot(name))
-        model, tokenizer = _load_pretrained(location, name, torch_dtype, False)
+        model, tokenizer = _load_pretrained(location, name, torch_device, torch_dtype, False)
     elif path.is_file() and path.suffix == ".gguf":
         source, location = "gguf", str(path.resolve())
         model, tokenizer = _load_gguf(path, torch_dtype)
@@ -242,7 +253,9 @@ def load_model(
             found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
             raise SwLensError(f"'{name}' is not a model directory: no config.json (found: {found})")
         source, location = "local", str(path.resolve())
-        model, tokenizer = _load_pretrained(location, name, torch_dtype, trust_remote_code)
+        model, tokenizer = _load_pretrained(
+            location, name, torch_device, torch_dtype, trust_remote_code
+        )
     elif path.exists():
         raise SwLensError(
             f"unsupported model file '{name}': expected an HF-format directory, a .gguf file "
@@ -252,7 +265,9 @@ def load_model(
         raise SwLensError(f"model path '{name}' does not exist")
     else:
         source, location = "hub", name
-        model, tokenizer = _load_pretrained(name, name, torch_dtype, trust_remote_code)
+        model, tokenizer = _load_pretrained(
+            name, name, torch_device, torch_dtype, trust_remote_code
+        )
     model = model.to(device=torch_device, dtype=torch_dtype).eval()
     # The bridge reloads the tokenizer with add_bos_token=True; remember the model's own
     # convention first (Llama: BOS; GPT-2, SmolLM2: none), the default of our protocols.

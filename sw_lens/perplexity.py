@@ -71,6 +71,11 @@ def windows(
     """Cut the corpus into the protocol's windows; every corpus token is scored at most once."""
     if protocol.prepend_bos and bos_token_id is None:
         raise SwLensError("the protocol prepends BOS but the tokenizer has no BOS token")
+    if len(tokens) < protocol.context:
+        raise SwLensError(
+            f"the corpus has {len(tokens)} tokens, fewer than one window of "
+            f"{protocol.context}: use a longer text or a smaller --window"
+        )
     tokens = tokens[: protocol.max_tokens]
     n, context = len(tokens), protocol.context
     stride = protocol.stride or context
@@ -90,7 +95,7 @@ def windows(
         if end == n:
             break
     if not result:
-        raise SwLensError(f"the corpus ({n} tokens) is too short to score any token")
+        raise SwLensError(f"a budget of {n} tokens scores no token: raise --max-tokens")
     return result
 
 

@@ -174,6 +174,7 @@ def run_locate(config: LocateConfig) -> dict:
     found = locate(model, texts, prepend_bos, config.criterion, config.iterations)
     rank_by_effect(model, found, tokens, rank_protocol, corpus.name)
 
+    log.info("perplexity on %s: %s", corpus.name, protocol.describe())
     baseline = evaluate(model, tokens, protocol, corpus.name, desc="baseline")
     measured = []
     for label, coords in ablation_sets(found, config.weights):

@@ -3,11 +3,13 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import ONE, REPO, TRIGGER, build, hf_cache_snapshot, save
+import torch
+from conftest import ONE, REPO, TRIGGER, Plant, build, hf_cache_snapshot, save
 
 LOCATE = REPO / "experiments" / "locate.py"
 SMALL = ["--window", "64", "--max-tokens", "256", "--rank-tokens", "128", "--device", "cpu"]
@@ -106,24 +108,53 @@ def test_a_hub_id_runs_offline_from_the_hf_cache(tmp_path, corpus_file):
     assert [(c["layer"], c["row"], c["col"]) for c in doc["candidates"]] == [(1, 5, 17)]
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--model", "no-such-org/no-such-model"], "unknown model 'no-such-org/no-such-model'"),
-        (["--model", "missing/ckpt.gguf"], "model path 'missing/ckpt.gguf' does not exist"),
-        (["--text", "{empty}"], "is empty"),
-        (["--text", "{latin1}"], "is not UTF-8"),
-        (["--weight", "99,0,0"], "layer 99 down_proj.weight[0, 0]: layer out of range"),
-        (["--weight", "1,0,4800"], "col out of range, d_mlp is 48"),
-        (["--window", "4096"], "window 4096 exceeds the model's context of 128"),
-        (["--device", "tpu"], "unknown device 'tpu': use cpu, cuda, cuda:N or auto"),
-        (["--prompt", "  "], "every prompt must contain text"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_code_2(llama_dir, corpus_file, tmp_path, args, message):
+def bad_inputs(tmp_path, llama_dir):
+    """Files for the bad-input table, made on demand."""
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    args = [a.format(empty=tmp_path / "empty.txt", latin1=tmp_path / "latin1.txt") for a in args]
+    (tmp_path / "binary.txt").write_bytes(b"\x7fELF\x00\x01\x02 binary")
+    (tmp_path / "short.txt").write_text("too short")
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "notes.md").write_text("hello")
+    broken = tmp_path / "broken-safetensors"
+    shutil.copytree(llama_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 40)
+    overflow = save(
+        build("llama", [Plant(layer=1, row=5, col=17, dim=3, value=300.0)]), tmp_path / "overflow"
+    )
+    return {"tmp": tmp_path, "overflow": overflow}
+
+
+BAD_INPUT = [
+    (["--model", "no-such-org/no-such-model"], "unknown model 'no-such-org/no-such-model'"),
+    (["--model", "missing/ckpt.gguf"], "model path 'missing/ckpt.gguf' does not exist"),
+    (["--model", "{tmp}/not-a-model"], "is not a model directory: no config.json"),
+    (["--model", "{tmp}/broken-safetensors"], "cannot load"),
+    (["--model", "{tmp}/broken.gguf"], "cannot read GGUF file"),
+    (["--text", "{tmp}/empty.txt"], "is empty"),
+    (["--text", "{tmp}/latin1.txt"], "is not UTF-8"),
+    (["--text", "{tmp}/binary.txt"], "looks binary"),
+    (["--text", "{tmp}/short.txt"], "fewer than one window of 64"),
+    (["--weight", "99,0,0"], "layer 99 down_proj.weight[0, 0]: layer out of range"),
+    (["--weight", "1,0,4800"], "col out of range, d_mlp is 48"),
+    (["--window", "4096"], "window 4096 exceeds the model's context of 128"),
+    (["--device", "tpu"], "unknown device 'tpu': use cpu, cuda, cuda:N or auto"),
+    (["--prompt", "  "], "every prompt must contain text"),
+    (
+        ["--model", "{overflow}", "--dtype", "float16"],
+        "blocks.1.hook_mlp_out has inf/NaN values in torch.float16",
+    ),
+]
+if not torch.cuda.is_available():
+    BAD_INPUT.append((["--device", "cuda"], "no CUDA GPU is available: use cpu"))
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_code_2(llama_dir, corpus_file, tmp_path, args, message):
+    made = bad_inputs(tmp_path, llama_dir)
+    args = [a.format(**made) for a in args]
     out = tmp_path / "out"
     base = ["--model", llama_dir, "--text", corpus_file, "--out", out]
     done = run_locate(*base, *SMALL, *args, env={"HF_HUB_OFFLINE": "1"})

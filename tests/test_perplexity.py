@@ -98,9 +98,11 @@ def test_a_window_longer_than_the_context_is_refused(tiny):
         evaluate(tiny.bridge, corpus_ids(), Protocol(window=129), corpus="test")
 
 
-def test_a_corpus_too_short_to_score_is_refused():
-    with pytest.raises(SwLensError, match="too short"):
-        windows(torch.tensor([5]), Protocol(window=8), bos_token_id=BOS)
+def test_a_corpus_shorter_than_one_window_is_refused():
+    with pytest.raises(SwLensError, match="has 5 tokens, fewer than one window of 8"):
+        windows(torch.arange(5), Protocol(window=8), bos_token_id=BOS)
+    with pytest.raises(SwLensError, match="a budget of 1 tokens scores no token"):
+        windows(torch.arange(50), Protocol(window=8, max_tokens=1), bos_token_id=BOS)
 
 
 def test_protocol_is_described_and_saved_with_the_number(tiny):
