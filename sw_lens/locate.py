@@ -32,7 +32,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.models import down_proj_parameter
 from sw_lens.patching import WeightCoord, ablation_hooks, weight_value
-from sw_lens.perplexity import PerplexityResult, Protocol, evaluate
+from sw_lens.perplexity import PerplexityResult, Protocol, evaluate_sweep
 from sw_lens.scan import LayerSpikes, ScanResult, Spike, scan
 
 log = logging.getLogger(__name__)
@@ -192,13 +192,14 @@ def rank_by_effect(
 ) -> LocateResult:
     """Zero each candidate alone on `tokens` under `protocol` (a short budget suffices to
     tell a 1.5x effect from none), mark super weights by the criterion's perplexity ratio
-    and sort candidates by effect, largest first."""
-    baseline = evaluate(model, tokens, protocol, corpus, desc="rank: baseline")
-    for c in result.candidates:
-        hooks = ablation_hooks(model, [c.coord])
-        alone = evaluate(model, tokens, protocol, corpus, hooks, desc=f"rank: {c.coord}")
-        c.ppl_alone = alone.perplexity
-        c.effect = alone.perplexity / baseline.perplexity
+    and sort candidates by effect, largest first. One sweep: the layers before the
+    earliest candidate run once per window (`perplexity.evaluate_sweep`)."""
+    baseline, alone = evaluate_sweep(
+        model, tokens, protocol, corpus, [[c.coord] for c in result.candidates], desc="rank"
+    )
+    for c, ablated in zip(result.candidates, alone, strict=True):
+        c.ppl_alone = ablated.perplexity
+        c.effect = ablated.perplexity / baseline.perplexity
         c.is_super = c.effect >= result.criterion.min_ppl_ratio
     result.candidates.sort(key=lambda c: -c.effect)
     result.ranking = baseline

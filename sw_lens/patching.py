@@ -67,57 +67,66 @@ def weight_value(model: TransformerBridge, coord: WeightCoord) -> float:
     return float(model.blocks[coord.layer].mlp.W_out.detach()[coord.col, coord.row])
 
 
+def by_layer(coords: Iterable[WeightCoord]) -> dict[int, list[WeightCoord]]:
+    grouped: dict[int, list[WeightCoord]] = defaultdict(list)
+    for c in sorted(set(coords)):
+        grouped[c.layer].append(c)
+    return dict(grouped)
+
+
+class EditedColumns:
+    """The output channels of one layer's down-projection that an edit touches, recomputed
+    from its input with the edited columns of ``W_out`` (snapshot when built)."""
+
+    def __init__(
+        self, model: TransformerBridge, layer: int, coords: list[WeightCoord], scale: float
+    ):
+        mlp = model.blocks[layer].mlp
+        rows = sorted({c.row for c in coords})
+        index = {row: i for i, row in enumerate(rows)}
+        self.columns: Float[Tensor, "d_mlp n_rows"] = mlp.W_out.detach()[:, rows].clone()
+        for c in coords:
+            self.columns[c.col, index[c.row]] *= scale
+        bias = getattr(mlp, "b_out", None)
+        self.bias = None if bias is None else bias.detach()[rows].clone()
+        self.rows = torch.tensor(rows, device=self.columns.device)
+
+    def apply(
+        self, post: Float[Tensor, "batch pos d_mlp"], out: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        recomputed = einsum(
+            post, self.columns.to(post.dtype), "batch pos d_mlp, d_mlp n_rows -> batch pos n_rows"
+        )
+        if self.bias is not None:
+            recomputed = recomputed + self.bias.to(recomputed.dtype)
+        return out.index_copy(-1, self.rows, recomputed.to(out.dtype))
+
+
 def ablation_hooks(
     model: TransformerBridge, coords: Iterable[WeightCoord], scale: float = 0.0
 ) -> list[FwdHook]:
     """Forward hooks that act as if each weight in `coords` were multiplied by `scale`
     (0 zeroes it). Weight values are read now, so build the hooks from the unedited model."""
-    coords = sorted(set(coords))
+    coords = list(coords)
     check_coords(model, coords)
-    by_layer: dict[int, list[WeightCoord]] = defaultdict(list)
-    for c in coords:
-        by_layer[c.layer].append(c)
     hooks: list[FwdHook] = []
-    for layer, layer_coords in by_layer.items():
-        hooks.extend(_layer_hooks(model, layer, layer_coords, scale))
+    for layer, layer_coords in by_layer(coords).items():
+        edit = EditedColumns(model, layer, layer_coords, scale)
+        kept: dict[str, Tensor] = {}
+
+        def keep_post(post: Float[Tensor, "batch pos d_mlp"], hook: HookPoint, kept=kept) -> None:
+            kept["post"] = post
+
+        def patch(out: Float[Tensor, "batch pos d_model"], hook: HookPoint, kept=kept, edit=edit):
+            return edit.apply(kept.pop("post"), out)
+
+        # Bound by default arguments: inside a hook, `hook.name` may be the canonical name
+        # (`mlp.out.hook_in`) rather than the alias registered here.
+        hooks += [
+            (f"blocks.{layer}.mlp.hook_post", keep_post),
+            (f"blocks.{layer}.mlp.out.hook_out", patch),
+        ]
     return hooks
-
-
-def _layer_hooks(
-    model: TransformerBridge, layer: int, coords: list[WeightCoord], scale: float
-) -> list[FwdHook]:
-    mlp = model.blocks[layer].mlp
-    rows = sorted({c.row for c in coords})
-    index = {row: i for i, row in enumerate(rows)}
-    # The edited columns of W_out, snapshot now: [d_mlp, len(rows)].
-    columns: Float[Tensor, "d_mlp n_rows"] = mlp.W_out.detach()[:, rows].clone()
-    for c in coords:
-        columns[c.col, index[c.row]] *= scale
-    bias = getattr(mlp, "b_out", None)
-    bias = None if bias is None else bias.detach()[rows].clone()
-    rows_t = torch.tensor(rows, device=columns.device)
-    kept: dict[str, Tensor] = {}
-
-    def keep_post(post: Float[Tensor, "batch pos d_mlp"], hook: HookPoint) -> None:
-        kept["post"] = post
-
-    def patch_down_proj_out(
-        out: Float[Tensor, "batch pos d_model"], hook: HookPoint
-    ) -> Float[Tensor, "batch pos d_model"]:
-        post = kept.pop("post")
-        recomputed = einsum(
-            post, columns.to(post.dtype), "batch pos d_mlp, d_mlp n_rows -> batch pos n_rows"
-        )
-        if bias is not None:
-            recomputed = recomputed + bias.to(recomputed.dtype)
-        return out.index_copy(-1, rows_t, recomputed.to(out.dtype))
-
-    # The layer is bound by the closure: inside a hook, `hook.name` may be the canonical
-    # name (`mlp.out.hook_in`) rather than the alias we registered.
-    return [
-        (f"blocks.{layer}.mlp.hook_post", keep_post),
-        (f"blocks.{layer}.mlp.out.hook_out", patch_down_proj_out),
-    ]
 
 
 @contextmanager

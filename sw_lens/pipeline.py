@@ -178,9 +178,8 @@ def run_locate(config: LocateConfig) -> dict:
     baseline = evaluate(model, tokens, protocol, corpus.name, desc="baseline")
     measured = []
     for label, coords in ablation_sets(found, config.weights):
-        hooks = ablation_hooks(model, coords)
         measured.append(
-            (label, coords, evaluate(model, tokens, protocol, corpus.name, hooks, desc=label))
+            (label, coords, evaluate(model, tokens, protocol, corpus.name, coords, desc=label))
         )
     shown = found.super_weights or found.candidates
     headline = measured[-1] if measured else None

@@ -15,6 +15,7 @@ Each output spike also carries the residual stream entering the MLP
 activation (|resid + out| < |resid|) meets the spike rule as well as one that creates it.
 """
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -160,9 +161,14 @@ def scan(
     for text, ids in enumerate(progress):
         # Ablations first: the reducer must see their effect.
         hooks = [*fwd_hooks, *_reducer_hooks(reducer, text, ids, has_resid_mid)]
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.suppress(_ScanDone):
             model.run_with_hooks(ids[None].to(model.cfg.device), fwd_hooks=hooks, return_type=None)
     return reducer.result(prepend_bos, texts)
+
+
+class _ScanDone(Exception):
+    """Raised after the last layer's hook_mlp_out: the final norm and the unembedding
+    (a [pos, d_vocab] tensor, often the largest of the forward) are never computed."""
 
 
 def _reducer_hooks(reducer: _Reducer, text: int, ids: Tensor, has_resid_mid: bool) -> list:
@@ -182,6 +188,8 @@ def _reducer_hooks(reducer: _Reducer, text: int, ids: Tensor, has_resid_mid: boo
 
         def on_mlp_out(act, hook, layer=layer):
             reducer.update(layer, text, ids, mlp_out=act[0], resid_mid=residual.pop(layer, None))
+            if layer == len(reducer.post) - 1:
+                raise _ScanDone
 
         if has_resid_mid:
             hooks.append((RESID_MID.format(layer), on_resid_mid))

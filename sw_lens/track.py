@@ -13,7 +13,6 @@ from sw_lens.corpora import load_corpus, tokenize
 from sw_lens.errors import SwLensError
 from sw_lens.locate import Criterion, locate
 from sw_lens.models import load_model, resolve_device, resolve_dtype
-from sw_lens.patching import ablation_hooks
 from sw_lens.perplexity import Protocol, check_window, evaluate
 from sw_lens.pipeline import prompt_tokens
 from sw_lens.results import SCHEMA_VERSION, provenance
@@ -93,7 +92,7 @@ def track_checkpoint(
                 tokens,
                 protocol,
                 corpus.name,
-                ablation_hooks(model, creators),
+                creators,
                 desc="ablated",
             )
             if creators
