@@ -4,7 +4,9 @@ options that mean the same in every command."""
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -16,9 +18,30 @@ from sw_lens.errors import SwLensError
 from sw_lens.locate import Criterion
 from sw_lens.models import DTYPES
 
+_interrupted = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C came at any time. Python drops an exception
+    raised while a ``__del__`` runs, so a Ctrl-C can be swallowed; commands call this
+    before writing results so that an interrupted run never writes any."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
 
 def run(main: Callable[[], None]) -> None:
     """Call `main`; a `SwLensError` becomes ``error: ...`` and exit 2, Ctrl-C exit 130."""
+    signal.signal(signal.SIGINT, _on_sigint)
+    default_hook = sys.unraisablehook
+    # A Ctrl-C swallowed inside a __del__ is remembered by _on_sigint; don't print it.
+    sys.unraisablehook = lambda unraisable: (
+        None if isinstance(unraisable.exc_value, KeyboardInterrupt) else default_hook(unraisable)
+    )
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     logging.getLogger("sw_lens").setLevel(logging.INFO)
     warnings.filterwarnings("ignore")

@@ -11,6 +11,7 @@ from _cli import (
     add_corpus_args,
     add_loading_args,
     add_rule_args,
+    check_interrupted,
     criterion,
     positive_int,
     run,
@@ -149,6 +150,7 @@ def main() -> None:
         seed=args.seed,
     )
     doc = run_locate(config)
+    check_interrupted()
     print_report(doc)
     out = args.out or Path("out") / Path(args.model).name
     path = write_json(out / "results.json", doc)

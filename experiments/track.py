@@ -9,7 +9,14 @@ import csv
 import io
 from pathlib import Path
 
-from _cli import add_corpus_args, add_loading_args, add_rule_args, criterion, run
+from _cli import (
+    add_corpus_args,
+    add_loading_args,
+    add_rule_args,
+    check_interrupted,
+    criterion,
+    run,
+)
 
 from sw_lens.figures import track_figure
 from sw_lens.perplexity import Protocol
@@ -45,6 +52,7 @@ def main() -> None:
         args.tokenizer,
         ppl,
     )
+    check_interrupted()
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()
