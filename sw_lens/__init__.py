@@ -8,7 +8,7 @@ from sw_lens.errors import NonFiniteActivation, SwLensError
 from sw_lens.locate import Candidate, Criterion, LocateResult, locate, rank_by_effect
 from sw_lens.models import LoadedModel, load_model
 from sw_lens.patching import WeightCoord, ablation_hooks, edited_weights
-from sw_lens.perplexity import PerplexityResult, Protocol, evaluate
+from sw_lens.perplexity import PerplexityResult, Protocol, evaluate, evaluate_sweep
 from sw_lens.scan import ScanResult, scan, scan_with_cache
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "ablation_hooks",
     "edited_weights",
     "evaluate",
+    "evaluate_sweep",
     "load_corpus",
     "load_model",
     "locate",

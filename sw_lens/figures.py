@@ -84,7 +84,8 @@ def _save(fig, out_dir: Path, stem: str, text: str, title: str) -> list[Path]:
     fig.supxlabel(text, fontsize=5, color=GREY)
     paths = []
     for fmt, meta in (
-        ("pdf", {"Title": title, "Subject": text, "Creator": "sw_lens"}),
+        # No CreationDate: the same results give byte-identical figures.
+        ("pdf", {"Title": title, "Subject": text, "Creator": "sw_lens", "CreationDate": None}),
         ("png", {"Title": title, "Description": text, "Software": "sw_lens"}),
     ):
         path = Path(out_dir) / f"{stem}.{fmt}"

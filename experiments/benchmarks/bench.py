@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from sw_lens.patching import WeightCoord, ablation_hooks
@@ -55,6 +56,18 @@ def bare_hf_loss(reference: PreTrainedModel, tokens: torch.Tensor, protocol: Pro
             reference(batch, labels=batch).loss.item()
 
 
+def bare_hf_logits_loss(reference, tokens: torch.Tensor, protocol: Protocol) -> None:
+    """The bare model's logits with sw_lens's loss code: isolates the toolkit's overhead
+    from the cost of HF's ``labels=`` loss path."""
+    usable = len(tokens) // protocol.window * protocol.window
+    batches = tokens[:usable].view(-1, protocol.window).split(protocol.batch_size)
+    with torch.inference_mode():
+        for batch in batches:
+            batch = batch.to(reference.device)
+            logits = reference(batch).logits[:, :-1]
+            F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()).item()
+
+
 def throughput(bridge, reference, tokens, protocol: Protocol, coord: WeightCoord, repeats=3):
     """Tokens/s of each path and its ratio to the bare HF model."""
     tokens = tokens[: protocol.max_tokens]
@@ -62,6 +75,9 @@ def throughput(bridge, reference, tokens, protocol: Protocol, coord: WeightCoord
     keep = [("hook_embed", lambda act, hook: act)]  # forces the bridge path
     fns = {
         "HF model, sdpa (reference)": lambda: bare_hf_loss(reference, tokens, protocol),
+        "HF model, sdpa, logits + F.cross_entropy": lambda: bare_hf_logits_loss(
+            reference, tokens, protocol
+        ),
         "sw_lens evaluate": lambda: evaluate(bridge, tokens, protocol, "bench"),
         "sw_lens evaluate, 1 weight zeroed": lambda: evaluate(
             bridge, tokens, protocol, "bench", [coord]

@@ -20,8 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/, fo
 from _cli import run  # noqa: E402
 from bench import hook_vs_edit, prefix_reuse, scan_memory, table, throughput  # noqa: E402
 
+from sw_lens.fast import hf_twin  # noqa: E402
 from sw_lens.patching import WeightCoord  # noqa: E402
-from sw_lens.perplexity import Protocol  # noqa: E402
+from sw_lens.perplexity import (
+    Protocol,  # noqa: E402
+    evaluate,  # noqa: E402
+)
 
 # Qwen/Qwen2.5-3B config.json, as published.
 QWEN25_3B = dict(
@@ -109,6 +113,17 @@ def main() -> None:
             ["path", "tokens/s", "x reference"],
             [[n, f"{t:.0f}", f"{r:.3f}"] for n, t, r in rows],
         )
+    )
+    keep = [("hook_embed", lambda act, hook: act)]  # routes evaluate through the bridge
+    fast = evaluate(bridge, tokens, protocol, "gpu").perplexity
+    eager = evaluate(bridge, tokens, protocol, "gpu", fwd_hooks=keep).perplexity
+    with torch.inference_mode():
+        ids = tokens[:window][None].to(device)
+        twin_vs_ref = (hf_twin(bridge)(ids).logits - reference(ids).logits).abs().max()
+    print(
+        f"\nsame function: perplexity fast path {fast:.4f} vs bridge {eager:.4f} "
+        f"(rel. diff {abs(fast - eager) / eager:.2e}); twin vs reference model max |logit "
+        f"diff| {float(twin_vs_ref):.3g} ({dtype})"
     )
     del reference
     mem, one_post = scan_memory(bridge, tokens[:window])
