@@ -168,9 +168,14 @@ def _result(
     )
 
 
-def _stacked(batch: list[Window], device) -> tuple[Tensor, Tensor]:
-    input_ids = torch.stack([w.input_ids for w in batch]).to(device)
-    return input_ids, torch.stack([w.targets for w in batch]).to(device)
+def _progress(
+    cut: list[Window], protocol: Protocol, device, desc: str
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(input_ids, targets) per batch, on `device`, with a progress bar on a terminal."""
+    batches = list(_batches(cut, protocol.batch_size))
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
+        input_ids = torch.stack([w.input_ids for w in batch]).to(device)
+        yield input_ids, torch.stack([w.targets for w in batch]).to(device)
 
 
 def evaluate(
@@ -202,14 +207,7 @@ def evaluate(
     losses = []
     with torch.inference_mode(), context as twin:
         run = forward or (lambda ids: twin(ids).logits)
-        for batch in tqdm(
-            list(_batches(cut, protocol.batch_size)),
-            desc=desc,
-            unit="batch",
-            leave=False,
-            disable=None,
-        ):
-            input_ids, targets = _stacked(batch, model.cfg.device)
+        for input_ids, targets in _progress(cut, protocol, model.cfg.device, desc):
             losses.append(_nll(run(input_ids), targets))
     return _result(model, corpus, protocol, losses, cut)
 
@@ -248,14 +246,7 @@ def evaluate_sweep(
     handle = getattr(parent, name)[start].register_forward_pre_hook(keep, with_kwargs=True)
     try:
         with torch.inference_mode():
-            for batch in tqdm(
-                list(_batches(cut, protocol.batch_size)),
-                desc=desc,
-                unit="batch",
-                leave=False,
-                disable=None,
-            ):
-                input_ids, targets = _stacked(batch, model.cfg.device)
+            for input_ids, targets in _progress(cut, protocol, model.cfg.device, desc):
                 logits = twin(input_ids, use_cache=False).logits
                 losses[0].append(_nll(logits, targets))
                 resid = kept.pop("resid")

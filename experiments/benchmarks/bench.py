@@ -12,6 +12,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,22 @@ from transformers import PreTrainedModel
 from sw_lens.patching import WeightCoord, ablation_hooks
 from sw_lens.perplexity import Protocol, evaluate, evaluate_sweep
 from sw_lens.scan import MLP_OUT, POST, scan
+
+
+def byte_tokenizer(directory: Path):
+    """A 257-token byte-level tokenizer, saved (the bridge reloads tokenizers from disk):
+    benchmarks on random weights need any tokenizer, not a real one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"<|endoftext|>": len(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
 
 
 def sync(device) -> None:

@@ -18,14 +18,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/, for _cli
 
 from _cli import run  # noqa: E402
-from bench import hook_vs_edit, prefix_reuse, scan_memory, table, throughput  # noqa: E402
+from bench import (  # noqa: E402
+    byte_tokenizer,
+    hook_vs_edit,
+    prefix_reuse,
+    scan_memory,
+    table,
+    throughput,
+)
 
 from sw_lens.fast import hf_twin  # noqa: E402
 from sw_lens.patching import WeightCoord  # noqa: E402
-from sw_lens.perplexity import (
-    Protocol,  # noqa: E402
-    evaluate,  # noqa: E402
-)
+from sw_lens.perplexity import Protocol, evaluate  # noqa: E402
 
 # Qwen/Qwen2.5-3B config.json, as published.
 QWEN25_3B = dict(
@@ -50,21 +54,6 @@ TINY = dict(
     max_position_embeddings=512,
 )
 REPORTED = WeightCoord(layer=2, row=318, col=3189)  # the original project's Qwen2.5-3B claim
-
-
-def byte_tokenizer(directory: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)} | {"<|endoftext|>": len(alphabet)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>").save_pretrained(
-        directory
-    )
-    return AutoTokenizer.from_pretrained(directory)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/, for _cli
 
 from _cli import run  # noqa: E402
-from bench import prefix_reuse, scan_memory, table, throughput  # noqa: E402
+from bench import byte_tokenizer, prefix_reuse, scan_memory, table, throughput  # noqa: E402
 
 from sw_lens.corpora import load_corpus, tokenize  # noqa: E402
 from sw_lens.models import load_model  # noqa: E402
@@ -25,18 +25,11 @@ from sw_lens.perplexity import Protocol  # noqa: E402
 
 def tiny_model(directory: Path) -> str:
     """A random 4-layer Llama with a byte-level tokenizer, saved as an HF directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer, tok.decoder = (
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-        decoders.ByteLevel(),
-    )
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
+    byte_tokenizer(directory)
     config = LlamaConfig(
-        vocab_size=256,
+        vocab_size=257,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
