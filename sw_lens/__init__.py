@@ -4,6 +4,7 @@ Data flows one way: text -> tokens -> scan -> locate -> patching -> perplexity -
 """
 
 from sw_lens.corpora import Corpus, load_corpus, tokenize
+from sw_lens.decompose import Decomposition, decompose
 from sw_lens.errors import NonFiniteActivation, SwLensError
 from sw_lens.locate import Candidate, Criterion, LocateResult, locate, rank_by_effect
 from sw_lens.models import LoadedModel, load_model
@@ -15,6 +16,7 @@ __all__ = [
     "Candidate",
     "Corpus",
     "Criterion",
+    "Decomposition",
     "LoadedModel",
     "LocateResult",
     "NonFiniteActivation",
@@ -24,6 +26,7 @@ __all__ = [
     "SwLensError",
     "WeightCoord",
     "ablation_hooks",
+    "decompose",
     "edited_weights",
     "evaluate",
     "evaluate_sweep",

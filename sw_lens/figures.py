@@ -337,3 +337,26 @@ def track_figure(document: dict, out_dir: Path) -> list[Path]:
             bottom.legend(frameon=False, ncols=2)
         text = f"{len(records)} checkpoints, prompt {document['prompt']!r}"
         return _save(fig, out_dir, "track", text, "super weights across training")
+
+
+def decomposition_figure(document: dict, out_dir: Path) -> list[Path]:
+    """Cumulative share of each spike carried by its k largest weight products: a super
+    weight is a curve that starts near 1."""
+    with plt.rc_context(STYLE):
+        fig, ax = _figure(2.2)
+        for d in document["decompositions"]:
+            k = range(1, len(d["cumulative"]) + 1)
+            ax.plot(
+                k,
+                d["cumulative"],
+                marker="o",
+                markersize=2,
+                label=f"L{d['layer']} ch {d['row']} ({d['verdict']})",
+            )
+        ax.axhline(1.0, color=GREY, linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("k largest products hook_post[pos, col] * W_out[col, row]")
+        ax.set_ylabel("share of hook_mlp_out[pos, row]")
+        ax.legend(frameon=False)
+        text = f"{document['model']}, prompt {document['prompt']!r}"
+        return _save(fig, out_dir, "decomposition", text, "spike decomposition")

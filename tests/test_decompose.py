@@ -1,0 +1,85 @@
+"""The decomposition is exact, and its verdict follows the numbers."""
+
+import pytest
+import torch
+from conftest import ONE, PROMPT, TRIGGER, build, byte_tokenizer, hf_config, plant, save
+from transformers import LlamaForCausalLM
+
+from sw_lens.decompose import decompose
+from sw_lens.models import load_model
+
+IDS = torch.tensor(byte_tokenizer()(PROMPT, add_special_tokens=False)["input_ids"])
+
+
+def test_products_plus_bias_equal_the_output_exactly(tiny):
+    d = decompose(tiny.bridge, IDS, ONE.layer, ONE.row, keep=tiny.bridge.cfg.d_mlp)
+    # Exact up to float32 rounding of the model's own matmul (~1e-7 relative).
+    assert sum(v for _, v in d.top) + d.bias == pytest.approx(d.mlp_out, rel=1e-6)
+    assert d.cumulative[-1] == pytest.approx(1.0 - d.bias_share, abs=1e-6)
+    assert d.token == TRIGGER
+
+
+def test_a_planted_super_weight_is_one_weight(tiny):
+    d = decompose(tiny.bridge, IDS, ONE.layer, ONE.row)
+    assert d.top[0][0] == ONE.col and d.top1_share > 0.99
+    assert d.verdict == "one weight"
+    assert "Verdict: one weight" in d.explanation and f"col {ONE.col}" in d.explanation
+
+
+def test_a_spike_spread_over_50_weights_is_distributed(tmp_path):
+    config = hf_config("llama")
+    config.intermediate_size = 96
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    plant(model, "llama", [ONE])  # the trigger token, reading dimension ONE.dim
+    with torch.no_grad():
+        mlp = model.model.layers[ONE.layer].mlp
+        for col in range(50):  # 50 neurons fire alike and share the output evenly
+            for proj in (mlp.gate_proj, mlp.up_proj):
+                proj.weight[col, :] = 0.0
+                proj.weight[col, ONE.dim] = 4.0
+            mlp.down_proj.weight[:, col] = 0.0
+            mlp.down_proj.weight[ONE.row, col] = ONE.value / 50
+    loaded = load_model(str(save(model, tmp_path / "m")), device="cpu")
+    d = decompose(loaded.bridge, IDS, ONE.layer, ONE.row)
+    assert d.verdict == "distributed"
+    assert d.top1_share < 0.05 and d.top20_share < 0.5
+
+
+def test_a_spike_from_the_bias_is_bias(tmp_path):
+    model = build("gpt2")
+    with torch.no_grad():
+        model.transformer.h[2].mlp.c_proj.bias[7] = 500.0
+    loaded = load_model(str(save(model, tmp_path / "m")), device="cpu")
+    d = decompose(loaded.bridge, IDS, layer=2, row=7)
+    assert d.verdict == "bias" and d.bias == 500.0 and d.bias_share > 0.95
+
+
+def test_explain_prints_the_verdict_and_writes_results(tiny_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "explain.py"),
+            "--model",
+            str(tiny_dir),
+            "--prompt",
+            PROMPT,
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"layer {ONE.layer} hook_mlp_out" in done.stdout and "Verdict: one weight" in done.stdout
+    (d,) = json.loads((tmp_path / "explain.json").read_text())["decompositions"]
+    assert (d["layer"], d["row"], d["top"][0][0]) == (ONE.layer, ONE.row, ONE.col)
+    assert (tmp_path / "decomposition.png").is_file()
