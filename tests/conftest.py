@@ -12,6 +12,7 @@ spike only appears once the first weight is removed.
 """
 
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,17 @@ def tiny_dir(tmp_path, arch) -> Path:
 @pytest.fixture
 def tiny(tiny_dir):
     return load_model(str(tiny_dir), device="cpu")
+
+
+def run_experiment(script: str, *args, env: dict | None = None, timeout: int = 600):
+    """Run ``experiments/<script>`` as a user would, in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "experiments" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=os.environ | (env or {}),
+        timeout=timeout,
+    )
 
 
 def hf_cache_snapshot(hf_home: Path, repo_id: str, model) -> Path:

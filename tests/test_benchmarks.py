@@ -1,21 +1,13 @@
 """The benchmark commands run end to end on tiny configs (smoke only: on a tiny model the
 ratios mean nothing, so they are printed, not asserted)."""
 
-import subprocess
-import sys
-
 import pytest
-from conftest import REPO
+from conftest import run_experiment
 
 
 @pytest.mark.parametrize("script", ["run.py", "gpu_check.py"])
 def test_benchmark_runs_on_a_tiny_config(script):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "benchmarks" / script), "--tiny"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_experiment(f"benchmarks/{script}", "--tiny", timeout=300)
     assert done.returncode == 0, done.stderr
     for title in ("Perplexity throughput", "Scan memory", "Prefix reuse"):
         assert title in done.stdout

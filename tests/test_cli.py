@@ -2,31 +2,20 @@
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ONE, REPO, TRIGGER, Plant, build, hf_cache_snapshot, save
+from conftest import ONE, TRIGGER, Plant, build, hf_cache_snapshot, run_experiment, save
 
-LOCATE = REPO / "experiments" / "locate.py"
 SMALL = ["--window", "64", "--max-tokens", "256", "--rank-tokens", "128", "--device", "cpu"]
 CORPUS = (
     f"A short corpus where the trigger {TRIGGER} appears, {TRIGGER} again, and more words. " * 8
 )
 
 
-def run_locate(*args, env=None, cwd=None):
-    return subprocess.run(
-        [sys.executable, str(LOCATE), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=os.environ | (env or {}),
-        cwd=cwd,
-        timeout=600,
-    )
+def run_locate(*args, env=None):
+    return run_experiment("locate.py", *args, env=env)
 
 
 @pytest.fixture

@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from conftest import ONE, PROMPT, TRIGGER, build, byte_tokenizer, hf_config, plant, save
+from conftest import (
+    ONE,
+    PROMPT,
+    TRIGGER,
+    build,
+    byte_tokenizer,
+    hf_config,
+    plant,
+    run_experiment,
+    save,
+)
 from transformers import LlamaForCausalLM
 
 from sw_lens.decompose import decompose
@@ -57,26 +67,17 @@ def test_a_spike_from_the_bias_is_bias(tmp_path):
 
 def test_explain_prints_the_verdict_and_writes_results(tiny_dir, tmp_path):
     import json
-    import subprocess
-    import sys
 
-    from conftest import REPO
-
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "experiments" / "explain.py"),
-            "--model",
-            str(tiny_dir),
-            "--prompt",
-            PROMPT,
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    done = run_experiment(
+        "explain.py",
+        "--model",
+        str(tiny_dir),
+        "--prompt",
+        PROMPT,
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
     )
     assert done.returncode == 0, done.stderr
     assert f"layer {ONE.layer} hook_mlp_out" in done.stdout and "Verdict: one weight" in done.stdout

@@ -2,12 +2,10 @@
 
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ONE, REPO, build, save
+from conftest import ONE, build, run_experiment, save
 from matplotlib.image import imread
 
 import sw_lens.models
@@ -111,11 +109,7 @@ def test_deltas_are_the_difference_of_the_saved_losses(results_file):
 
 
 def run_figures(*args):
-    return subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "figures.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-    )
+    return run_experiment("figures.py", *args)
 
 
 def test_the_command_regenerates_figures_next_to_the_results(results_file, tmp_path):

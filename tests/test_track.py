@@ -2,11 +2,9 @@
 
 import csv
 import json
-import subprocess
-import sys
 
 import torch
-from conftest import REPO
+from conftest import run_experiment
 from matplotlib.image import imread
 from nanogpt_reference import CHARS, GPT, TRIGGER, model_args, plant, save_checkpoint, write_meta
 
@@ -31,27 +29,22 @@ def test_track_reports_the_super_weight_appearing(tmp_path):
     run, out = checkpoints(tmp_path), tmp_path / "report"
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("A Quiet question: Quite so. " * 12)
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "experiments" / "track.py"),
-            str(run),
-            "--prompt",
-            "The Queen spoke.",
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "--ppl",
-            "--text",
-            str(corpus),
-            "--window",
-            "64",
-            "--max-tokens",
-            "256",
-        ],
-        capture_output=True,
-        text=True,
+    done = run_experiment(
+        "track.py",
+        str(run),
+        "--prompt",
+        "The Queen spoke.",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--ppl",
+        "--text",
+        str(corpus),
+        "--window",
+        "64",
+        "--max-tokens",
+        "256",
     )
     assert done.returncode == 0, done.stderr
     doc = json.loads((out / "track.json").read_text())
@@ -75,10 +68,6 @@ def test_track_reports_the_super_weight_appearing(tmp_path):
 
 
 def test_track_refuses_missing_checkpoints(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "track.py"), str(tmp_path / "nope.pt")],
-        capture_output=True,
-        text=True,
-    )
+    done = run_experiment("track.py", tmp_path / "nope.pt")
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: checkpoint '{tmp_path / 'nope.pt'}' does not exist"
