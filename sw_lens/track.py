@@ -145,6 +145,7 @@ CSV_COLUMNS = [
     "weights",
     "ppl_baseline",
     "ppl_ablated",
+    "ppl_protocol",
 ]
 
 
@@ -167,6 +168,13 @@ def csv_rows(document: dict) -> list[dict]:
                 ),
                 "ppl_baseline": ppl.get("baseline", {}).get("perplexity") if ppl else None,
                 "ppl_ablated": (ppl.get("ablated") or {}).get("perplexity") if ppl else None,
+                # A perplexity without its protocol is not a result.
+                "ppl_protocol": (
+                    f"{ppl['baseline']['corpus']}, {ppl['baseline']['protocol_description']}, "
+                    f"{ppl['baseline']['n_tokens']} tokens scored"
+                    if ppl
+                    else None
+                ),
             }
         )
     return rows

@@ -62,6 +62,11 @@ def test_track_reports_the_super_weight_appearing(tmp_path):
     assert doc["checkpoints"][0]["perplexity"]["ablated"] is None  # nothing to ablate at step 0
     rows = list(csv.DictReader((out / "track.csv").open()))
     assert [r["weights"] for r in rows] == ["", "2:9,40=4", "2:9,40=8"]
+    n_scored = later["perplexity"]["baseline"]["n_tokens"]
+    assert rows[2]["ppl_protocol"] == (
+        f"{corpus}, token-level, window 64 (non-overlapping), no BOS, first 256 tokens, "
+        f"{n_scored} tokens scored"
+    )
     pixels = imread(out / "track.png")
     assert pixels.shape[1] == 1020 and (pixels[..., :3] < 0.9).any(-1).mean() > 0.02
     assert (out / "track.pdf").read_bytes()[:5] == b"%PDF-"
