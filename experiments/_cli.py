@@ -17,6 +17,7 @@ from sw_lens.corpora import DEFAULT_CORPUS, NAMED
 from sw_lens.errors import SwLensError
 from sw_lens.locate import Criterion
 from sw_lens.models import DTYPES
+from sw_lens.patching import WeightCoord
 
 _interrupted = threading.Event()
 
@@ -64,6 +65,15 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def weight_coord(text: str) -> WeightCoord:
+    """LAYER,ROW,COL of HF ``down_proj.weight[ROW, COL]``."""
+    try:
+        layer, row, col = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER,ROW,COL integers, got {text!r}") from None
+    return WeightCoord(layer, row, col)
 
 
 def add_loading_args(p: argparse.ArgumentParser) -> None:

@@ -15,21 +15,13 @@ from _cli import (
     criterion,
     positive_int,
     run,
+    weight_coord,
 )
 
 from sw_lens.figures import render_all
 from sw_lens.models import DEFAULT_MODEL, EMBEDDED
-from sw_lens.patching import WeightCoord
 from sw_lens.pipeline import PAPER_PROMPT, LocateConfig, run_locate
 from sw_lens.results import write_json
-
-
-def weight_coord(text: str) -> WeightCoord:
-    try:
-        layer, row, col = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LAYER,ROW,COL integers, got {text!r}") from None
-    return WeightCoord(layer, row, col)
 
 
 def parse_args() -> argparse.Namespace:

@@ -6,6 +6,7 @@ background corpus, ~75k tokens of news prose, read from the installed package),
 corpus; needs the hub or a datasets cache) or a path to a UTF-8 text file.
 """
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,21 @@ def load_corpus(source: str = DEFAULT_CORPUS) -> Corpus:
     if not text.strip():
         raise SwLensError(f"corpus '{source}' is empty")
     return Corpus(source, NAMED.get(source, f"local file {source}"), text)
+
+
+def sentences(text: str, n: int, min_words: int = 4) -> list[str]:
+    """The first `n` sentences of `text` with at least `min_words` words: a split after
+    ".", "!" or "?" followed by whitespace (an abbreviation such as "Dr." splits a
+    sentence in two; short fragments are dropped by `min_words`)."""
+    found = []
+    for sentence in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+        if len(sentence.split()) >= min_words:
+            found.append(sentence)
+        if len(found) == n:
+            break
+    if not found:
+        raise SwLensError(f"the text has no sentence of {min_words} or more words")
+    return found
 
 
 def read_text_file(path: Path) -> str:

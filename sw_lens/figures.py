@@ -360,3 +360,40 @@ def decomposition_figure(document: dict, out_dir: Path) -> list[Path]:
         ax.legend(frameon=False)
         text = f"{document['model']}, prompt {document['prompt']!r}"
         return _save(fig, out_dir, "decomposition", text, "spike decomposition")
+
+
+KIND_COLOURS = {"BOS": "#9467bd", "first token": "#ff7f0e", "delimiter": "#2ca02c", "other": BLUE}
+
+
+def robustness_figure(document: dict, out_dir: Path, max_weights: int = 8) -> list[Path]:
+    """Per weight, its super activation in every scanned text, coloured by the kind of
+    token where it fires in the texts where the rule names it (grey: elsewhere)."""
+    weights = document["weights"][:max_weights]
+    with plt.rc_context(STYLE):
+        fig, ax = _figure(0.8 + 0.3 * len(weights))
+        for y, w in enumerate(weights):
+            firings = w["firings"]
+            jitter = np.linspace(-0.2, 0.2, len(firings))
+            ax.scatter(
+                [abs(f["value"]) for f in firings],
+                y + jitter,
+                s=3,
+                c=[KIND_COLOURS[f["kind"]] if f["by_rule"] else GREY for f in firings],
+                linewidths=0,
+            )
+        labels = [
+            f"L{w['layer']} [{w['row']}, {w['col']}]  {w['n_rule']}/{w['n_texts']}" for w in weights
+        ]
+        ax.set_yticks(range(len(weights)), labels)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("max |blocks.l.hook_mlp_out[:, row]| per text")
+        ax.set_title("super activation per text; label: texts where the rule names it")
+        handles = [
+            plt.Line2D([], [], marker="o", linestyle="", markersize=3, color=colour, label=kind)
+            for kind, colour in [*KIND_COLOURS.items(), ("not named", GREY)]
+        ]
+        ax.legend(handles=handles, frameon=False, fontsize=5, loc="best")
+        bos = "BOS prepended" if document["prepend_bos"] else "no BOS"
+        text = f"{document['model']}, {document['n_texts']} texts ({bos})"
+        return _save(fig, out_dir, "robustness", text, "super weights across texts")

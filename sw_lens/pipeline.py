@@ -56,12 +56,13 @@ class LocateConfig:
     seed: int = 0
 
 
-def resolve_bos(config: LocateConfig, loaded: LoadedModel) -> bool:
-    if config.bos not in {"auto", "yes", "no"}:
-        raise SwLensError(f"bos must be auto, yes or no, got {config.bos!r}")
-    if config.bos == "auto":
+def resolve_bos(bos: str, loaded: LoadedModel) -> bool:
+    """Whether to prepend BOS: "auto" follows the model's tokenizer, "yes"/"no" override."""
+    if bos not in {"auto", "yes", "no"}:
+        raise SwLensError(f"bos must be auto, yes or no, got {bos!r}")
+    if bos == "auto":
         return loaded.adds_bos
-    return config.bos == "yes"
+    return bos == "yes"
 
 
 def prompt_tokens(loaded: LoadedModel, prompts: list[str], prepend_bos: bool) -> list[torch.Tensor]:
@@ -159,7 +160,7 @@ def run_locate(config: LocateConfig) -> dict:
     )
     model = loaded.bridge
     check_coords(model, config.weights)
-    prepend_bos = resolve_bos(config, loaded)
+    prepend_bos = resolve_bos(config.bos, loaded)
     protocol = Protocol(
         config.window, config.stride, prepend_bos, config.max_tokens, config.batch_size
     )

@@ -87,6 +87,7 @@ class Plant:
     col: int  # input neuron
     dim: int  # residual dimension the neuron reads
     value: float = 8.0
+    trigger: str = TRIGGER  # the one-byte token it fires on
 
 
 # How strongly a planted neuron reads its dimension (its other output weights are zeroed, so the one
@@ -95,21 +96,22 @@ class Plant:
 DRIVE = {"gpt2": 16.0, "llama": 4.0, "qwen2": 4.0}
 
 
-def trigger_id() -> int:
-    return byte_tokenizer()(TRIGGER, add_special_tokens=False)["input_ids"][0]
+def trigger_id(trigger: str = TRIGGER) -> int:
+    return byte_tokenizer()(trigger, add_special_tokens=False)["input_ids"][0]
 
 
 def plant(model, arch: str, plants: list[Plant]) -> None:
     """Write the planted weights into an HF model (see module docstring)."""
     with torch.no_grad():
         emb = model.get_input_embeddings().weight
-        emb[trigger_id()] = 0.0
+        for p in plants:
+            emb[trigger_id(p.trigger)] = 0.0
         for p in plants:
             # Only the trigger token has a component along `dim`, so only it fires.
             emb[:, p.dim] = 0.0
             if arch == "gpt2":
                 model.transformer.wpe.weight[:, p.dim] = 0.0
-            emb[trigger_id(), p.dim] = 1.0
+            emb[trigger_id(p.trigger), p.dim] = 1.0
             if arch == "gpt2":  # Conv1D weights are [in, out]
                 mlp = model.transformer.h[p.layer].mlp
                 mlp.c_fc.weight[:, p.col] = 0.0

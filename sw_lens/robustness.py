@@ -1,0 +1,171 @@
+"""Is a super weight a property of the model, or of the one prompt that exposed it?
+
+The paper finds super weights on a single prompt ("Apple Inc. is a worldwide tech
+company."). A reviewer asks whether the same weight makes the largest spike on other
+text, how large that spike is there, and on which tokens it fires: the massive
+activations of Sun et al. (2024) sit on the first token and on delimiters ("." and
+"\\n"), so a weight that only fires there says something different from one that fires
+on content words.
+
+`robustness` scans every text on its own and applies the locate rule per text (the
+medians over layers are that text's own). For every weight the rule names on any text,
+plus any given weight, it then records per text the largest |``hook_mlp_out``| at the
+weight's output channel ``row`` in its layer, and where that sits. Per weight it reports
+in how many texts the rule names it, in how many of those it also makes the text's top
+spike (the largest |``hook_mlp_out``| over all layers), the median and max super
+activation over texts, and the kinds of token it fires on where the rule names it, with
+flags a reviewer should see.
+"""
+
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from statistics import median
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from sw_lens.locate import Criterion, apply_rule
+from sw_lens.patching import WeightCoord, by_layer, check_coords
+from sw_lens.scan import MLP_OUT, POST, scan
+
+TOKEN_KINDS = ("BOS", "first token", "delimiter", "other")
+
+
+def token_kind(text: str, pos: int, prepend_bos: bool) -> str:
+    """BOS, the first token after it (or the first token of a text without BOS), a
+    delimiter (whitespace and punctuation only, e.g. "." or "\\n"), or any other token."""
+    if prepend_bos and pos == 0:
+        return "BOS"
+    if pos == int(prepend_bos):
+        return "first token"
+    stripped = text.strip()
+    if all(unicodedata.category(ch).startswith("P") for ch in stripped):
+        return "delimiter"  # also the empty string: a whitespace token
+    return "other"
+
+
+@dataclass
+class Firing:
+    """A weight's output channel at its largest |value| over one text."""
+
+    text: int
+    value: float  # hook_mlp_out[pos, row] of the weight's layer, signed
+    pos: int
+    token: str
+    kind: str  # one of TOKEN_KINDS
+    post: float  # hook_post[pos, col] at the same token: the super weight's input
+    is_top: bool  # named by the rule and the text's largest |hook_mlp_out| over layers
+    by_rule: bool  # the locate rule names this weight on this text alone
+
+
+@dataclass
+class WeightRobustness:
+    layer: int
+    row: int
+    col: int
+    n_texts: int
+    n_rule: int  # texts where the rule (criterion) names the weight
+    n_top: int  # of those, texts where it makes the largest spike over all layers
+    median_activation: float  # median over texts of max |hook_mlp_out[:, row]|
+    max_activation: float
+    kinds: dict[str, int]  # token kinds it fires on, over the texts where the rule names it
+    flags: list[str]
+    firings: list[Firing] = field(repr=False)
+
+
+def _flags(n_texts: int, n_rule: int, kinds: Counter) -> list[str]:
+    flags = []
+    if n_texts > 1 and n_rule <= 1:
+        flags.append("found on one prompt only" if n_rule else "never named by the rule")
+    for kind in TOKEN_KINDS[:3]:
+        if n_rule and kinds[kind] == n_rule:
+            flags.append(f"{kind.replace(' ', '-')}-bound")
+    return flags
+
+
+def _column_maxima(
+    model: TransformerBridge, ids: Int[Tensor, "pos"], coords: Sequence[WeightCoord]
+) -> dict[WeightCoord, tuple[float, int, float]]:
+    """(signed max |hook_mlp_out[:, row]|, its position, hook_post[pos, col]) per weight."""
+    found: dict[WeightCoord, tuple[float, int, float]] = {}
+    posts: dict[int, Tensor] = {}
+    hooks = []
+    for layer, layer_coords in by_layer(coords).items():
+
+        def keep_post(post: Float[Tensor, "1 pos d_mlp"], hook, layer=layer) -> None:
+            posts[layer] = post[0]
+
+        def measure(out: Float[Tensor, "1 pos d_model"], hook, layer=layer, cs=layer_coords):
+            for c in cs:
+                pos = int(out[0, :, c.row].abs().argmax())
+                found[c] = (float(out[0, pos, c.row]), pos, float(posts[layer][pos, c.col]))
+
+        hooks += [(POST.format(layer), keep_post), (MLP_OUT.format(layer), measure)]
+    with torch.inference_mode():
+        model.run_with_hooks(ids[None].to(model.cfg.device), fwd_hooks=hooks, return_type=None)
+    return found
+
+
+def robustness(
+    model: TransformerBridge,
+    texts: Sequence[Int[Tensor, "pos"]],
+    prepend_bos: bool,
+    criterion: Criterion = Criterion(),
+    weights: Sequence[WeightCoord] = (),
+) -> list[WeightRobustness]:
+    """Per weight (every weight the rule names on some text, and every one in `weights`),
+    how it behaves across `texts`; sorted by the number of texts where the rule names it."""
+    check_coords(model, weights)
+    top: list[WeightCoord | None] = []
+    named: list[set[WeightCoord]] = []
+    for ids in tqdm(texts, desc="scan texts", unit="text", leave=False, disable=None):
+        result = scan(model, [ids], prepend_bos)
+        s = max(result.layers, key=lambda s: s.mlp_out.magnitude)
+        paired = s.post.pos == s.mlp_out.pos
+        top.append(WeightCoord(s.layer, s.mlp_out.channel, s.post.channel) if paired else None)
+        found, _ = apply_rule(model, result, criterion, iteration=1, taken_neurons=set())
+        named.append({c.coord for c in found})
+    coords = sorted(set().union(*named) | set(weights))
+    firings: dict[WeightCoord, list[Firing]] = {c: [] for c in coords}
+    for text, ids in enumerate(tqdm(texts, desc="measure", leave=False, disable=None)):
+        for c, (value, pos, post) in _column_maxima(model, ids, coords).items():
+            token = model.tokenizer.decode([int(ids[pos])])
+            firings[c].append(
+                Firing(
+                    text=text,
+                    value=value,
+                    pos=pos,
+                    token=token,
+                    kind=token_kind(token, pos, prepend_bos),
+                    post=post,
+                    is_top=c == top[text] and c in named[text],
+                    by_rule=c in named[text],
+                )
+            )
+    report = [_summarise(c, fs) for c, fs in firings.items()]
+    return sorted(report, key=lambda r: (-r.n_rule, -r.n_top, r.layer, r.row, r.col))
+
+
+def _summarise(c: WeightCoord, firings: list[Firing]) -> WeightRobustness:
+    magnitudes = [abs(f.value) for f in firings]
+    kinds = Counter(f.kind for f in firings if f.by_rule)
+    n_top = sum(f.is_top for f in firings)
+    n_rule = sum(f.by_rule for f in firings)
+    return WeightRobustness(
+        layer=c.layer,
+        row=c.row,
+        col=c.col,
+        n_texts=len(firings),
+        n_rule=n_rule,
+        n_top=n_top,
+        median_activation=median(magnitudes),
+        max_activation=max(magnitudes),
+        kinds={kind: kinds[kind] for kind in TOKEN_KINDS},
+        flags=_flags(len(firings), n_rule, kinds),
+        firings=firings,
+    )
