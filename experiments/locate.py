@@ -59,6 +59,15 @@ def parse_args() -> argparse.Namespace:
         metavar="LAYER,ROW,COL",
         help="also zero this HF down_proj.weight[ROW, COL] (e.g. a published super weight)",
     )
+    p.add_argument(
+        "--check-known",
+        nargs="?",
+        const="auto",
+        metavar="NAME",
+        help="compare with the registry of published super weights (by --model's name, or "
+        "NAME, e.g. Qwen/Qwen2.5-3B for a local copy) and measure the published weights too",
+    )
+    p.add_argument("--registry", help="registry TOML file (default: sw_lens's own)")
     p.add_argument("--out", type=Path, help="output directory (default: out/<model>)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code")
     p.add_argument("--seed", type=int, default=0)
@@ -113,6 +122,12 @@ def print_report(doc: dict) -> None:
     print(f"  {'baseline':<45} {base['perplexity']:>10.3f}")
     for a in ppl["ablations"]:
         print(f"  {a['label'] + ' zeroed':<45} {a['perplexity']:>10.3f}  (x{a['ratio']:.3f})")
+    if doc["known"]:
+        known = doc["known"]
+        entry = known["entry"] or "no entry for this model"
+        print(f"\nknown coordinates ({entry}; registry convention {known['convention']}):")
+        for check in known["checks"]:
+            print(f"  {check['message']}")
     if doc["predictions"]:
         pred = doc["predictions"]
         print(f"\nnext token after {pred['prompt']!r}, before -> after {pred['label']} zeroed:")
@@ -140,6 +155,8 @@ def main() -> None:
         trust_remote_code=args.trust_remote_code,
         tokenizer=args.tokenizer,
         seed=args.seed,
+        check_known=args.check_known,
+        registry=args.registry,
     )
     doc = run_locate(config)
     check_interrupted()

@@ -24,6 +24,15 @@ from sw_lens.perplexity import (
     paired_token_loss,
 )
 from sw_lens.predictions import CASE_STUDY_PROMPT, top_predictions
+from sw_lens.registry import (
+    CONVENTION,
+    REGISTRY,
+    KnownModel,
+    check_fits,
+    check_known,
+    load_registry,
+    lookup,
+)
 from sw_lens.results import SCHEMA_VERSION, provenance
 from sw_lens.scan import ScanResult, layer_activations
 
@@ -54,6 +63,8 @@ class LocateConfig:
     trust_remote_code: bool = False
     tokenizer: str | None = None  # nanoGPT: meta.pkl or an HF tokenizer
     seed: int = 0
+    check_known: str | None = None  # compare with the registry: "auto" (by model name) or a name
+    registry: str | None = None  # a registry file; None: the packaged one
 
 
 def resolve_bos(bos: str, loaded: LoadedModel) -> bool:
@@ -112,12 +123,20 @@ def candidate_dict(c: Candidate, loaded: LoadedModel) -> dict:
     }
 
 
-def ablation_sets(found: LocateResult, given: list[WeightCoord]) -> list[tuple[str, list]]:
+def ablation_sets(
+    found: LocateResult, given: list[WeightCoord], published: list[WeightCoord] = ()
+) -> list[tuple[str, list]]:
     """What the report measures at the full budget: each super weight alone, each given
-    weight alone, then all super weights together (all candidates when none is super).
-    The last set, when there is one, is the headline ablation of the figures."""
+    and each published weight alone (unless already measured), then all super weights
+    together (all candidates when none is super). The last set, when there is one, is the
+    headline ablation of the figures."""
     sets = [(str(c.coord), [c.coord]) for c in found.super_weights]
-    sets += [(f"{coord} (given)", [coord]) for coord in given]
+    measured = {c.coord for c in found.super_weights}
+    for label, coords in (("given", given), ("published", published)):
+        for coord in coords:
+            if coord not in measured:
+                sets.append((f"{coord} ({label})", [coord]))
+                measured.add(coord)
     if len(found.super_weights) > 1:
         sets.append(("all super weights", [c.coord for c in found.super_weights]))
     elif not found.super_weights and found.candidates:
@@ -152,6 +171,27 @@ def scan_dict(result: ScanResult, prompts: list[str]) -> dict:
     }
 
 
+def known_entry(config: LocateConfig, loaded: LoadedModel) -> KnownModel | None:
+    """The registry entry to compare with (checked against the model's shape before any
+    work is done), or None when not asked or not listed."""
+    if not config.check_known:
+        return None
+    name = loaded.name if config.check_known == "auto" else config.check_known
+    known = lookup(load_registry(config.registry), name)
+    if known is not None:
+        check_fits(loaded.bridge, known)
+    return known
+
+
+def known_dict(config: LocateConfig, known: KnownModel | None, model, found: LocateResult):
+    return {
+        "registry": config.registry or str(REGISTRY),
+        "entry": known and known.name,
+        "convention": CONVENTION,
+        "checks": [asdict(c) for c in check_known(model, known, found.candidates)],
+    }
+
+
 def run_locate(config: LocateConfig) -> dict:
     """Run the pipeline and return its results document."""
     torch.manual_seed(config.seed)
@@ -160,6 +200,7 @@ def run_locate(config: LocateConfig) -> dict:
     )
     model = loaded.bridge
     check_coords(model, config.weights)
+    known = known_entry(config, loaded)
     prepend_bos = resolve_bos(config.bos, loaded)
     protocol = Protocol(
         config.window, config.stride, prepend_bos, config.max_tokens, config.batch_size
@@ -178,7 +219,8 @@ def run_locate(config: LocateConfig) -> dict:
     log.info("perplexity on %s: %s", corpus.name, protocol.describe())
     baseline = evaluate(model, tokens, protocol, corpus.name, desc="baseline")
     measured = []
-    for label, coords in ablation_sets(found, config.weights):
+    published = [w.coord for w in known.weights] if known else []
+    for label, coords in ablation_sets(found, config.weights, published):
         measured.append(
             (label, coords, evaluate(model, tokens, protocol, corpus.name, coords, desc=label))
         )
@@ -221,5 +263,6 @@ def run_locate(config: LocateConfig) -> dict:
             for layer, c in sorted({c.coord.layer: c for c in shown}.items())
         ],
         "weight_distributions": [asdict(weight_distribution(model, c.coord)) for c in shown],
+        "known": config.check_known and known_dict(config, known, model, found),
         "provenance": provenance(loaded.device, loaded.dtype, config.seed),
     }
