@@ -10,7 +10,7 @@ this matters: "row 447, col 666" in nanoGPT's layout is ``W_out[2][666, 447]``.
 """
 
 import math
-import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +19,6 @@ from transformer_lens.model_bridge import TransformerBridge
 from sw_lens.errors import SwLensError
 from sw_lens.locate import Candidate
 from sw_lens.patching import WeightCoord, check_coords, weight_value
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 REGISTRY = Path(__file__).parent / "data" / "known_super_weights.toml"
 CONVENTION = "HF down_proj.weight[row, col] (nn.Linear, [out, in])"

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -60,7 +60,7 @@ def git_commit() -> str | None:
 
 def provenance(device: torch.device, dtype: torch.dtype, seed: int) -> dict:
     return {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "versions": package_versions(),
         "python": platform.python_version(),
