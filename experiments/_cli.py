@@ -9,6 +9,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import huggingface_hub
 import transformers
@@ -16,8 +17,10 @@ import transformers
 from sw_lens.corpora import DEFAULT_CORPUS, NAMED
 from sw_lens.errors import SwLensError
 from sw_lens.locate import Criterion
-from sw_lens.models import DTYPES
+from sw_lens.models import DEFAULT_MODEL, DTYPES, EMBEDDED
 from sw_lens.patching import WeightCoord
+from sw_lens.pipeline import PAPER_PROMPT, LocateConfig, Setup, load, super_weights
+from sw_lens.results import write_json
 
 _interrupted = threading.Event()
 
@@ -127,3 +130,129 @@ def add_rule_args(p: argparse.ArgumentParser) -> None:
 
 def criterion(args: argparse.Namespace) -> Criterion:
     return Criterion(args.threshold, args.min_ratio, args.min_ppl_ratio)
+
+
+def add_job_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The options of every job that loads a model, scans prompts and measures perplexity."""
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"hub id (e.g. gpt2, Qwen/Qwen2.5-3B; HF cache works offline), HF-format "
+        f"directory, .gguf file, nanoGPT ckpt.pt, or embedded: {', '.join(EMBEDDED)}",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help=f"text to scan for spikes; repeat for several; none given: {PAPER_PROMPT!r}",
+    )
+    add_loading_args(p)
+    add_corpus_args(p, max_tokens=max_tokens)
+    p.add_argument(
+        "--rank-tokens", type=positive_int, default=1024, help="corpus tokens per effect ranking"
+    )
+    p.add_argument(
+        "--bos",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="prepend BOS (auto: as the model's tokenizer does)",
+    )
+    add_rule_args(p)
+    p.add_argument("--out", type=Path, help="output directory (default: out/<model>)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_weight_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument(
+        "--weight",
+        action="append",
+        type=weight_coord,
+        default=[],
+        metavar="LAYER,ROW,COL",
+        help=f"{help}: HF down_proj.weight[ROW, COL] of layer LAYER; repeat for several",
+    )
+
+
+def experiment_parser(description: str, max_tokens: int) -> argparse.ArgumentParser:
+    """The parser of an experiment on super weights: the job's options, and which super
+    weights (default: found now by the locate rule)."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_job_args(p, max_tokens)
+    add_weight_arg(p, "the super weight")
+    p.add_argument(
+        "--results", help="take the super weights of this locate results.json (same model)"
+    )
+    return p
+
+
+def experiment_setup(args: argparse.Namespace) -> tuple[LocateConfig, Setup, list, str]:
+    """Load what `args` name and choose the super weights: (config, setup, weights, how
+    they were chosen)."""
+    config = locate_config(args)
+    setup = load(config)
+    return (config, setup, *super_weights(setup, config, args.results))
+
+
+def locate_config(args: argparse.Namespace) -> LocateConfig:
+    return LocateConfig(
+        model=args.model,
+        text=args.text,
+        prompts=args.prompt or [PAPER_PROMPT],
+        device=args.device,
+        dtype=args.dtype,
+        window=args.window,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        rank_tokens=args.rank_tokens,
+        bos=args.bos,
+        iterations=args.iterations,
+        criterion=criterion(args),
+        weights=args.weight,
+        trust_remote_code=args.trust_remote_code,
+        tokenizer=args.tokenizer,
+        seed=args.seed,
+    )
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    return args.out or Path("out") / Path(args.model).name
+
+
+def float_list(text: str) -> list[float]:
+    """Comma-separated numbers, e.g. ``0.5,2``."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def save_results(args: argparse.Namespace, stem: str, document: dict, draw) -> None:
+    """Write ``<stem>.json`` and the figure `draw` makes from it into the output folder,
+    unless Ctrl-C came; say where they went."""
+    check_interrupted()
+    out = output_dir(args)
+    path = write_json(out / f"{stem}.json", document)
+    figures = draw(document, out)
+    print(f"\nwrote {path} and {len(figures)} figure files in {out}")
+
+
+def print_header(document: dict, baseline: dict | None = None) -> None:
+    model = document["model"]
+    print(f"\n{model['name']} ({model['architecture']}, {model['n_layers']} layers)")
+    for w in document["super_weights"]:
+        print(
+            f"  super weight: layer {w['layer']} down_proj.weight[{w['row']}, {w['col']}] = "
+            f"{w['value']:+.4g} (W_out[{w['layer']}][{w['col']}, {w['row']}])"
+        )
+    print(f"  chosen: {document['super_weight_source']}")
+    if baseline is None:
+        return
+    print(
+        f"perplexity on {baseline['corpus']}: {baseline['protocol_description']}, "
+        f"{baseline['n_tokens']} tokens scored; baseline {baseline['perplexity']:.3f}"
+    )

@@ -5,22 +5,12 @@ offline, on CPU in about a minute. Writes results.json and every figure into --o
 """
 
 import argparse
-from pathlib import Path
+from dataclasses import replace
 
-from _cli import (
-    add_corpus_args,
-    add_loading_args,
-    add_rule_args,
-    check_interrupted,
-    criterion,
-    positive_int,
-    run,
-    weight_coord,
-)
+from _cli import add_job_args, add_weight_arg, check_interrupted, locate_config, output_dir, run
 
 from sw_lens.figures import render_all
-from sw_lens.models import DEFAULT_MODEL, EMBEDDED
-from sw_lens.pipeline import PAPER_PROMPT, LocateConfig, run_locate
+from sw_lens.pipeline import run_locate
 from sw_lens.results import write_json
 
 
@@ -28,37 +18,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"hub id (e.g. gpt2, Qwen/Qwen2.5-3B; HF cache works offline), HF-format "
-        f"directory, .gguf file, nanoGPT ckpt.pt, or embedded: {', '.join(EMBEDDED)}",
-    )
-    p.add_argument(
-        "--prompt",
-        action="append",
-        help=f"text to scan for spikes; repeat for several; none given: {PAPER_PROMPT!r}",
-    )
-    add_loading_args(p)
-    add_corpus_args(p, max_tokens=4096)
-    p.add_argument(
-        "--rank-tokens", type=positive_int, default=1024, help="corpus tokens per effect ranking"
-    )
-    p.add_argument(
-        "--bos",
-        default="auto",
-        choices=["auto", "yes", "no"],
-        help="prepend BOS (auto: as the model's tokenizer does)",
-    )
-    add_rule_args(p)
-    p.add_argument(
-        "--weight",
-        action="append",
-        type=weight_coord,
-        default=[],
-        metavar="LAYER,ROW,COL",
-        help="also zero this HF down_proj.weight[ROW, COL] (e.g. a published super weight)",
-    )
+    add_job_args(p, max_tokens=4096)
+    add_weight_arg(p, "also zero this weight (e.g. a published super weight)")
     p.add_argument(
         "--check-known",
         nargs="?",
@@ -68,9 +29,6 @@ def parse_args() -> argparse.Namespace:
         "NAME, e.g. Qwen/Qwen2.5-3B for a local copy) and measure the published weights too",
     )
     p.add_argument("--registry", help="registry TOML file (default: sw_lens's own)")
-    p.add_argument("--out", type=Path, help="output directory (default: out/<model>)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
 
@@ -137,31 +95,11 @@ def print_report(doc: dict) -> None:
 
 def main() -> None:
     args = parse_args()
-    config = LocateConfig(
-        model=args.model,
-        text=args.text,
-        prompts=args.prompt or [PAPER_PROMPT],
-        device=args.device,
-        dtype=args.dtype,
-        window=args.window,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
-        rank_tokens=args.rank_tokens,
-        bos=args.bos,
-        iterations=args.iterations,
-        criterion=criterion(args),
-        weights=args.weight,
-        trust_remote_code=args.trust_remote_code,
-        tokenizer=args.tokenizer,
-        seed=args.seed,
-        check_known=args.check_known,
-        registry=args.registry,
-    )
+    config = replace(locate_config(args), check_known=args.check_known, registry=args.registry)
     doc = run_locate(config)
     check_interrupted()
     print_report(doc)
-    out = args.out or Path("out") / Path(args.model).name
+    out = output_dir(args)
     path = write_json(out / "results.json", doc)
     figures = render_all(doc, out)
     print(f"\nwrote {path} and {len(figures)} figure files in {out}")

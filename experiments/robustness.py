@@ -12,11 +12,11 @@ from pathlib import Path
 from _cli import (
     add_loading_args,
     add_rule_args,
+    add_weight_arg,
     check_interrupted,
     criterion,
     positive_int,
     run,
-    weight_coord,
 )
 
 from sw_lens.corpora import DEFAULT_CORPUS, NAMED, load_corpus, sentences
@@ -44,14 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--bos", default="auto", choices=["auto", "yes", "no"], help="prepend BOS to each text"
     )
-    p.add_argument(
-        "--weight",
-        action="append",
-        type=weight_coord,
-        default=[],
-        metavar="LAYER,ROW,COL",
-        help="also report this HF down_proj.weight[ROW, COL]",
-    )
+    add_weight_arg(p, "also report this weight")
     add_loading_args(p)
     add_rule_args(p)
     p.add_argument("--out", type=Path, help="output directory (default: out/<model>)")

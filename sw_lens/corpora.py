@@ -74,17 +74,25 @@ def read_text_file(path: Path) -> str:
         raise SwLensError(f"text file '{path}' is not UTF-8 (byte {err.start})") from None
 
 
-def _wikitext2() -> str:
+def hub_dataset(path: str, name: str, split: str, what: str, instead: str):
+    """A `datasets` split from the hub or the datasets cache, or a one-line error saying
+    what to use `instead`."""
     import datasets
 
     try:
-        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        return datasets.load_dataset(path, name, split=split)
     except Exception as err:  # datasets raises many types for "no network / no cache"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise SwLensError(
-            f"WikiText-2 is not available (no hub access and no datasets cache): "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; "
-            f"use --text lee or a local file"
+            f"{what} is not available (no hub access and no datasets cache): {reason}; "
+            f"use {instead}"
         ) from None
+
+
+def _wikitext2() -> str:
+    rows = hub_dataset(
+        "wikitext", "wikitext-2-raw-v1", "test", "WikiText-2", "--text lee or a local file"
+    )
     # The join used by the HF perplexity guide and lm-eval's wikitext task.
     return "\n\n".join(rows["text"])
 

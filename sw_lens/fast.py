@@ -15,7 +15,7 @@ eager attention) whenever the caller passes TransformerLens ``fwd_hooks``.
 
 import copy
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from accelerate import init_empty_weights
@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from sw_lens.errors import SwLensError
 from sw_lens.models import down_proj_parameter
-from sw_lens.patching import EditedColumns, WeightCoord, by_layer, check_coords
+from sw_lens.patching import EditedColumns
 
 _TWINS: "weakref.WeakKeyDictionary[TransformerBridge, PreTrainedModel]" = (
     weakref.WeakKeyDictionary()
@@ -63,17 +63,14 @@ def _down_proj_module(model: TransformerBridge, twin: PreTrainedModel, layer: in
 
 @contextmanager
 def twin_ablation(
-    model: TransformerBridge, coords: Iterable[WeightCoord], scale: float = 0.0
+    model: TransformerBridge, edits: Mapping[int, EditedColumns]
 ) -> Iterator[PreTrainedModel]:
-    """The twin, with each weight in `coords` acting as if multiplied by `scale` while the
-    block runs; the hooks are removed on exit, whatever happened."""
-    coords = list(coords)
-    check_coords(model, coords)
+    """The twin, with `edits` (`patching.column_edits`) applied to its down-projections
+    while the block runs; the hooks are removed on exit, whatever happened."""
     twin = hf_twin(model)
     handles = []
     try:
-        for layer, layer_coords in by_layer(coords).items():
-            edit = EditedColumns(model, layer, layer_coords, scale)
+        for layer, edit in edits.items():
             module = _down_proj_module(model, twin, layer)
             handles.append(
                 module.register_forward_hook(lambda mod, args, out, e=edit: e.apply(args[0], out))

@@ -10,6 +10,7 @@ the file's metadata.
 import html
 import json
 import re
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,27 +168,36 @@ def spike_heatmap(document: dict, out_dir: Path) -> list[Path]:
     return _save(fig, out_dir, "spike_heatmap", caption(document), f"layer {layer} activations")
 
 
-def perplexity_bars(document: dict, out_dir: Path) -> list[Path]:
-    """Baseline against each ablation (and controls, when a results file has them)."""
-    ppl = document["perplexity"]
-    rows = [("baseline", ppl["baseline"]["perplexity"])]
-    rows += [(a["label"], a["perplexity"]) for a in ppl["ablations"]]
-    rows += [(c["label"], c["perplexity"]) for c in ppl.get("controls", [])]
-    fig, ax = _figure(0.8 + 0.28 * len(rows))
-    labels = [_short(label) for label, _ in rows]
-    values = [v for _, v in rows]
-    colors = [GREY] + [RED] * len(ppl["ablations"]) + [BLUE] * len(ppl.get("controls", []))
-    bars = ax.barh(range(len(rows)), values, color=colors, height=0.6)
-    ax.bar_label(bars, [f"{v:.2f}" for v in values], padding=2, fontsize=5)
-    ax.set_yticks(range(len(rows)), labels)
-    ax.invert_yaxis()
+def _perplexity_axis(ax, base: dict, values: list[float]) -> None:
+    """A log perplexity axis labelled with the corpus, token count and protocol."""
     ax.set_xscale("log")
     ax.set_xlim(min(values) / 1.5, max(values) * 3)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    base = ppl["baseline"]
     ax.set_xlabel(f"perplexity ({base['corpus']}, {base['n_tokens']} tokens)")
-    ax.set_title(base["protocol_description"], fontsize=5)
+    ax.set_title("\n".join(textwrap.wrap(base["protocol_description"], 50)), fontsize=5)
+
+
+def _perplexity_bars(rows: list[tuple[str, float, str]], base: dict, errors=None):
+    """Horizontal bars (label, perplexity, colour), top to bottom; `errors` are
+    (low, high) distances for an error bar per row, or None."""
+    fig, ax = _figure(0.8 + 0.28 * len(rows))
+    values = [v for _, v, _ in rows]
+    bars = ax.barh(range(len(rows)), values, color=[c for *_, c in rows], height=0.6, xerr=errors)
+    labels = [f"{v:.2f}" if v < 1e4 else f"{v:.3g}" for v in values]
+    ax.bar_label(bars, labels, padding=2, fontsize=5)
+    ax.set_yticks(range(len(rows)), [_short(label) for label, *_ in rows])
+    ax.invert_yaxis()
+    _perplexity_axis(ax, base, values)
+    return fig, ax
+
+
+def perplexity_bars(document: dict, out_dir: Path) -> list[Path]:
+    """Baseline against each ablation."""
+    ppl = document["perplexity"]
+    rows = [("baseline", ppl["baseline"]["perplexity"], GREY)]
+    rows += [(a["label"], a["perplexity"], RED) for a in ppl["ablations"]]
+    fig, _ = _perplexity_bars(rows, ppl["baseline"])
     return _save(fig, out_dir, "perplexity", caption(document), "perplexity with weights zeroed")
 
 
@@ -397,3 +407,137 @@ def robustness_figure(document: dict, out_dir: Path, max_weights: int = 8) -> li
         bos = "BOS prepended" if document["prepend_bos"] else "no BOS"
         text = f"{document['model']}, {document['n_texts']} texts ({bos})"
         return _save(fig, out_dir, "robustness", text, "super weights across texts")
+
+
+def experiment_caption(document: dict) -> str:
+    weights = ", ".join(
+        f"L{w['layer']} [{w['row']}, {w['col']}]" for w in document["super_weights"]
+    )
+    return f"{document['model']['name']}, super weights {weights}"
+
+
+CONTROL_COLOURS = {
+    "super": RED,
+    "largest": BLUE,
+    "largest + super": "#9467bd",
+    "random": GREY,
+    "scaled": "#ff7f0e",
+}
+
+
+def controls_figure(document: dict, out_dir: Path) -> list[Path]:
+    """The super weights zeroed against the controls; random draws as their mean with
+    the min-max range."""
+    base = document["baseline"]
+    rows = [("baseline", base["perplexity"], GREY)]
+    rows += [
+        (r["label"], r["perplexity"], CONTROL_COLOURS[r["kind"]])
+        for r in document["controls"]
+        if r["kind"] != "random"
+    ]
+    errors = [(0.0, 0.0)] * len(rows)
+    draws = document["summary"]
+    if draws["draws"]:
+        rows.insert(4, (f"(d) {draws['draws']} random, matched |w|", draws["mean"], GREY))
+        errors.insert(4, (draws["mean"] - draws["min"], draws["max"] - draws["mean"]))
+    with plt.rc_context(STYLE):
+        fig, _ = _perplexity_bars(rows, base, errors=np.array(errors).T)
+        return _save(fig, out_dir, "controls", experiment_caption(document), "controls")
+
+
+def restore_figure(document: dict, out_dir: Path) -> list[Path]:
+    """Baseline, super weights zeroed, and zeroed with the super activation restored."""
+    base = document["baseline"]
+    rows = [
+        ("baseline", base["perplexity"], GREY),
+        ("super weights zeroed", document["zeroed"]["perplexity"], RED),
+        ("zeroed, super activation restored", document["restored"]["perplexity"], BLUE),
+    ]
+    with plt.rc_context(STYLE):
+        fig, ax = _perplexity_bars(rows, base)
+        ax.set_title(
+            f"{base['protocol_description']}; recovered {document['recovered']:.0%} of the "
+            f"loss (mean NLL)",
+            fontsize=5,
+        )
+        return _save(fig, out_dir, "restore", experiment_caption(document), "restore")
+
+
+def stopwords_figure(document: dict, out_dir: Path) -> list[Path]:
+    """Mean next-token probability per token class before and after the ablation."""
+    classes = document["classes"]
+    names = list(classes)
+    with plt.rc_context(STYLE):
+        fig, ax = _figure(2.0)
+        x = np.arange(len(names))
+        for offset, key, colour in ((-0.18, "before", GREY), (0.18, "after", RED)):
+            values = [classes[n][key] for n in names]
+            bars = ax.bar(x + offset, values, width=0.36, color=colour, label=key)
+            if key == "after":
+                ratios = [classes[n]["ratio"] for n in names]
+                ax.bar_label(
+                    bars, [f"x{r:.2f}" if r else "" for r in ratios], padding=1, fontsize=5
+                )
+        ax.set_xticks(x, names)
+        ax.set_ylabel("mean next-token probability")
+        ax.set_title(f"{document['n_prompts']} prompts ({document['prompt_source']})")
+        ax.legend(frameon=False)
+        return _save(fig, out_dir, "stopwords", experiment_caption(document), "stopwords")
+
+
+def scaling_figure(document: dict, out_dir: Path) -> list[Path]:
+    """Perplexity against the factor the super weights are multiplied by."""
+    base = document["baseline"]
+    points = document["scaling"]
+    with plt.rc_context(STYLE):
+        fig, ax = _figure(2.2)
+        factors = [p["scale"] for p in points]
+        ax.plot(factors, [p["perplexity"] for p in points], marker="o", markersize=2, color=RED)
+        ax.axhline(base["perplexity"], color=GREY, linewidth=0.6, linestyle="--")
+        ax.annotate(
+            f"baseline {base['perplexity']:.2f}",
+            (max(factors), base["perplexity"]),
+            ha="right",
+            va="bottom",
+            fontsize=5,
+            color=GREY,
+        )
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("super weights multiplied by")
+        ax.set_ylabel(f"perplexity ({base['corpus']}, {base['n_tokens']} tokens)")
+        ax.set_title(base["protocol_description"], fontsize=5)
+        return _save(fig, out_dir, "scaling", experiment_caption(document), "scaling")
+
+
+def quantize_figure(document: dict, out_dir: Path) -> list[Path]:
+    """One panel per bit width: perplexity per block size for each method."""
+    base = document["baseline"]
+    rows = document["quantized"]
+    ppl = {(r["bits"], r["block"], r["method"]): r["perplexity"] for r in rows}
+    bits = sorted({r["bits"] for r in rows}, reverse=True)
+    blocks = list(dict.fromkeys(r["block"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = dict(zip(methods, [GREY, BLUE, RED], strict=False))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            1, len(bits), figsize=(COLUMN_WIDTH, 2.2), layout="constrained", sharey=True
+        )
+        for ax, b in zip(np.atleast_1d(axes), bits, strict=True):
+            for method in methods:
+                ax.plot(
+                    range(len(blocks)),
+                    [ppl[b, block, method] for block in blocks],
+                    marker="o",
+                    markersize=2,
+                    label=method,
+                    color=colours[method],
+                )
+            ax.axhline(base["perplexity"], color=GREY, linewidth=0.6, linestyle="--")
+            ax.set_xticks(range(len(blocks)), [str(block) for block in blocks], rotation=45)
+            ax.set_title(f"{b}-bit RTN")
+            ax.set_yscale("log")
+            ax.set_xlabel("block size")
+        np.atleast_1d(axes)[0].set_ylabel(f"perplexity ({base['corpus']})")
+        np.atleast_1d(axes)[0].legend(frameon=False, fontsize=5)
+        return _save(fig, out_dir, "quantize", experiment_caption(document), "quantization")

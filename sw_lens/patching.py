@@ -17,8 +17,9 @@ rather than subtracting ``w * post[..., col]`` matters: a super weight's product
 values bit-for-bit on exit, also when the body raises.
 """
 
+import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -74,12 +75,27 @@ def by_layer(coords: Iterable[WeightCoord]) -> dict[int, list[WeightCoord]]:
     return dict(grouped)
 
 
+# (layer, row) -> |value| at or above which output channel `row` keeps its unablated value
+Restore = Mapping[tuple[int, int], float]
+
+
 class EditedColumns:
     """The output channels of one layer's down-projection that an edit touches, recomputed
-    from its input with the edited columns of ``W_out`` (snapshot when built)."""
+    from its input with the edited columns of ``W_out`` (snapshot when built).
+
+    With `restore_above` (row -> threshold), a channel keeps its unablated value wherever
+    that value's magnitude reaches the threshold: the paper's "restore the super
+    activation" with the super weight zeroed. The unablated value is the module's own
+    output, exact, because the down-projection's input does not depend on its weights.
+    `n_restored` counts the restored (position, channel) entries."""
 
     def __init__(
-        self, model: TransformerBridge, layer: int, coords: list[WeightCoord], scale: float
+        self,
+        model: TransformerBridge,
+        layer: int,
+        coords: list[WeightCoord],
+        scale: float,
+        restore_above: Mapping[int, float] | None = None,
     ):
         mlp = model.blocks[layer].mlp
         rows = sorted({c.row for c in coords})
@@ -90,6 +106,13 @@ class EditedColumns:
         bias = getattr(mlp, "b_out", None)
         self.bias = None if bias is None else bias.detach()[rows].clone()
         self.rows = torch.tensor(rows, device=self.columns.device)
+        restore_above = restore_above or {}
+        self.thresholds = (
+            torch.tensor([restore_above.get(r, math.inf) for r in rows], device=self.rows.device)
+            if restore_above
+            else None
+        )
+        self.n_restored = 0
 
     def apply(
         self, post: Float[Tensor, "batch pos d_mlp"], out: Float[Tensor, "batch pos d_model"]
@@ -99,19 +122,53 @@ class EditedColumns:
         )
         if self.bias is not None:
             recomputed = recomputed + self.bias.to(recomputed.dtype)
-        return out.index_copy(-1, self.rows, recomputed.to(out.dtype))
+        recomputed = recomputed.to(out.dtype)
+        if self.thresholds is not None:
+            original = out[..., self.rows]
+            massive = original.abs() >= self.thresholds.to(original.dtype)
+            self.n_restored += int(massive.sum())
+            recomputed = torch.where(massive, original, recomputed)
+        return out.index_copy(-1, self.rows, recomputed)
+
+
+def column_edits(
+    model: TransformerBridge,
+    coords: Iterable[WeightCoord],
+    scale: float = 0.0,
+    restore_above: Restore | None = None,
+) -> dict[int, EditedColumns]:
+    """Per layer, the edit that multiplies each weight in `coords` by `scale`. Weight
+    values are read now, so build edits from the unedited model."""
+    coords = list(coords)
+    check_coords(model, coords)
+    restore_above = restore_above or {}
+    return {
+        layer: EditedColumns(
+            model,
+            layer,
+            layer_coords,
+            scale,
+            {row: t for (at, row), t in restore_above.items() if at == layer},
+        )
+        for layer, layer_coords in by_layer(coords).items()
+    }
 
 
 def ablation_hooks(
-    model: TransformerBridge, coords: Iterable[WeightCoord], scale: float = 0.0
+    model: TransformerBridge,
+    coords: Iterable[WeightCoord],
+    scale: float = 0.0,
+    restore_above: Restore | None = None,
 ) -> list[FwdHook]:
     """Forward hooks that act as if each weight in `coords` were multiplied by `scale`
-    (0 zeroes it). Weight values are read now, so build the hooks from the unedited model."""
-    coords = list(coords)
-    check_coords(model, coords)
+    (0 zeroes it); see `EditedColumns` for `restore_above`."""
+    return edit_hooks(column_edits(model, coords, scale, restore_above))
+
+
+def edit_hooks(edits: Mapping[int, EditedColumns]) -> list[FwdHook]:
+    """TransformerLens hooks applying `edits` (from `column_edits`)."""
     hooks: list[FwdHook] = []
-    for layer, layer_coords in by_layer(coords).items():
-        edit = EditedColumns(model, layer, layer_coords, scale)
+    for layer, edit in edits.items():
         kept: dict[str, Tensor] = {}
 
         def keep_post(post: Float[Tensor, "batch pos d_mlp"], hook: HookPoint, kept=kept) -> None:

@@ -10,7 +10,7 @@ scored; with the default ``stride = window`` windows do not overlap. Without a B
 the first token of a window has no context and is not scored.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import groupby
 
@@ -23,7 +23,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import NonFiniteActivation, SwLensError
 from sw_lens.fast import decoder_layers, hf_twin, layers_from, twin_ablation
-from sw_lens.patching import WeightCoord, ablation_hooks
+from sw_lens.patching import EditedColumns, Restore, WeightCoord, column_edits, edit_hooks
 
 IGNORE = -100
 
@@ -109,6 +109,7 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood per scored token, in nats
     token_nll: Float[Tensor, "n_tokens"]  # per scored token, for paired comparisons
     positions: Int[Tensor, "n_tokens"]  # corpus position of each scored token
+    n_restored: int = 0  # (position, channel) entries kept unablated by `restore_above`
 
     @property
     def perplexity(self) -> float:
@@ -122,6 +123,7 @@ class PerplexityResult:
             "n_tokens": self.n_tokens,
             "nll": self.nll,
             "perplexity": self.perplexity,
+            "n_restored": self.n_restored,
         }
 
 
@@ -150,7 +152,12 @@ def _nll(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def _result(
-    model: TransformerBridge, corpus: str, protocol: Protocol, losses: list, cut: list[Window]
+    model: TransformerBridge,
+    corpus: str,
+    protocol: Protocol,
+    losses: list,
+    cut: list[Window],
+    edits: Mapping[int, EditedColumns] | None = None,
 ) -> PerplexityResult:
     token_nll = torch.cat(losses)
     if not torch.isfinite(token_nll).all():
@@ -165,6 +172,7 @@ def _result(
         nll=float(token_nll.mean()),
         token_nll=token_nll,
         positions=torch.cat([w.positions for w in cut]),
+        n_restored=sum(e.n_restored for e in (edits or {}).values()),
     )
 
 
@@ -187,29 +195,31 @@ def evaluate(
     scale: float = 0.0,
     fwd_hooks: Sequence = (),
     desc: str = "perplexity",
+    restore_above: Restore | None = None,
 ) -> PerplexityResult:
     """Perplexity of `model` on `tokens` under `protocol`, with each weight in `ablation`
-    multiplied by `scale` (0: zeroed). Use the same tokens and protocol for a baseline and
-    its ablations: the per-token NLLs are then paired.
+    multiplied by `scale` (0: zeroed) and, with `restore_above`, the super activation put
+    back where it was massive (`patching.EditedColumns`). Use the same tokens and protocol
+    for a baseline and its ablations: the per-token NLLs are then paired.
 
     Without TransformerLens `fwd_hooks` the forward runs in the model's HF twin with the
     fast attention kernel (`sw_lens.fast`); with them, in the bridge (eager attention)."""
     check_window(model, protocol)
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
+    edits = column_edits(model, ablation, scale, restore_above)
     if fwd_hooks:
-        hooks = [*ablation_hooks(model, ablation, scale), *fwd_hooks]
         context, forward = (
-            model.hooks(fwd_hooks=hooks),
+            model.hooks(fwd_hooks=[*edit_hooks(edits), *fwd_hooks]),
             lambda ids: model(ids, return_type="logits"),
         )
     else:
-        context, forward = twin_ablation(model, ablation, scale), None
+        context, forward = twin_ablation(model, edits), None
     losses = []
     with torch.inference_mode(), context as twin:
         run = forward or (lambda ids: twin(ids).logits)
         for input_ids, targets in _progress(cut, protocol, model.cfg.device, desc):
             losses.append(_nll(run(input_ids), targets))
-    return _result(model, corpus, protocol, losses, cut)
+    return _result(model, corpus, protocol, losses, cut, edits)
 
 
 def evaluate_sweep(
@@ -218,10 +228,11 @@ def evaluate_sweep(
     protocol: Protocol,
     corpus: str,
     ablations: Sequence[Sequence[WeightCoord]],
-    scale: float = 0.0,
+    scale: float | Sequence[float] = 0.0,
     desc: str = "sweep",
 ) -> tuple[PerplexityResult, list[PerplexityResult]]:
-    """A baseline and K ablations on the same windows, computing the layers before the
+    """A baseline and K ablations on the same windows (each with its own `scale` when a
+    sequence is given: a scaling curve), computing the layers before the
     earliest ablated layer L once per window: the residual stream entering L is kept from
     the baseline pass, and each ablation runs layers L..n only. Cost ~ 1 + K (n - L) / n
     passes instead of K + 1; results equal the naive loop of `evaluate` calls.
@@ -233,6 +244,10 @@ def evaluate_sweep(
     whole model instead, with the same results."""
     check_window(model, protocol)
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
+    scales = [scale] * len(ablations) if isinstance(scale, int | float) else list(scale)
+    if len(scales) != len(ablations):
+        raise SwLensError(f"{len(ablations)} ablations but {len(scales)} scales")
+    edits = [column_edits(model, a, s) for a, s in zip(ablations, scales, strict=True)]
     start = min((c.layer for a in ablations for c in a), default=0)
     twin = hf_twin(model)
     parent, name = decoder_layers(model, twin)
@@ -254,8 +269,8 @@ def evaluate_sweep(
                     with layers_from(model, twin, start):
                         again = twin(inputs_embeds=resid, use_cache=False).logits
                     reuse = torch.equal(again, logits)
-                for k, ablation in enumerate(ablations, start=1):
-                    with twin_ablation(model, ablation, scale):
+                for k, edit in enumerate(edits, start=1):
+                    with twin_ablation(model, edit):
                         if reuse:
                             with layers_from(model, twin, start):
                                 out = twin(inputs_embeds=resid, use_cache=False).logits

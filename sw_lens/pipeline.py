@@ -6,16 +6,20 @@ the caller.
 """
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
-from sw_lens.corpora import DEFAULT_CORPUS, load_corpus, tokenize
+from sw_lens.corpora import DEFAULT_CORPUS, Corpus, load_corpus, tokenize
 from sw_lens.errors import SwLensError
 from sw_lens.locate import Candidate, Criterion, LocateResult, locate, rank_by_effect
 from sw_lens.models import DEFAULT_MODEL, LoadedModel, load_model
 from sw_lens.outliers import weight_distribution
-from sw_lens.patching import WeightCoord, ablation_hooks, check_coords
+from sw_lens.patching import WeightCoord, ablation_hooks, check_coords, weight_value
 from sw_lens.perplexity import (
     PerplexityResult,
     Protocol,
@@ -33,7 +37,7 @@ from sw_lens.registry import (
     load_registry,
     lookup,
 )
-from sw_lens.results import SCHEMA_VERSION, provenance
+from sw_lens.results import SCHEMA_VERSION, provenance, read_json
 from sw_lens.scan import ScanResult, layer_activations
 
 log = logging.getLogger(__name__)
@@ -192,29 +196,60 @@ def known_dict(config: LocateConfig, known: KnownModel | None, model, found: Loc
     }
 
 
-def run_locate(config: LocateConfig) -> dict:
-    """Run the pipeline and return its results document."""
+@dataclass
+class Setup:
+    """A loaded model with its corpus, protocol and scan prompts: what every job starts from."""
+
+    loaded: LoadedModel
+    corpus: Corpus
+    tokens: Int[Tensor, "n_tokens"]
+    protocol: Protocol
+    rank_protocol: Protocol  # the same with the ranking budget
+    prepend_bos: bool
+    texts: list[Int[Tensor, "pos"]]  # the scanned prompts
+
+    @property
+    def model(self) -> TransformerBridge:
+        return self.loaded.bridge
+
+
+def load(config: LocateConfig) -> Setup:
+    """Load and check everything `config` names, before any long work starts."""
     torch.manual_seed(config.seed)
     loaded = load_model(
         config.model, config.device, config.dtype, config.trust_remote_code, config.tokenizer
     )
-    model = loaded.bridge
-    check_coords(model, config.weights)
-    known = known_entry(config, loaded)
+    check_coords(loaded.bridge, config.weights)
     prepend_bos = resolve_bos(config.bos, loaded)
     protocol = Protocol(
         config.window, config.stride, prepend_bos, config.max_tokens, config.batch_size
     )
-    rank_protocol = Protocol(
-        config.window, config.stride, prepend_bos, config.rank_tokens, config.batch_size
-    )
-    check_window(model, protocol)
+    check_window(loaded.bridge, protocol)
     corpus = load_corpus(config.text)
-    tokens = tokenize(loaded.tokenizer, corpus.text, model.cfg.d_vocab)
-    texts = prompt_tokens(loaded, config.prompts, prepend_bos)
+    return Setup(
+        loaded=loaded,
+        corpus=corpus,
+        tokens=tokenize(loaded.tokenizer, corpus.text, loaded.bridge.cfg.d_vocab),
+        protocol=protocol,
+        rank_protocol=replace(protocol, max_tokens=config.rank_tokens),
+        prepend_bos=prepend_bos,
+        texts=prompt_tokens(loaded, config.prompts, prepend_bos),
+    )
 
-    found = locate(model, texts, prepend_bos, config.criterion, config.iterations)
-    rank_by_effect(model, found, tokens, rank_protocol, corpus.name)
+
+def find(setup: Setup, config: LocateConfig) -> LocateResult:
+    """The locate rule on the prompts, then each candidate ranked by its effect."""
+    found = locate(setup.model, setup.texts, setup.prepend_bos, config.criterion, config.iterations)
+    return rank_by_effect(setup.model, found, setup.tokens, setup.rank_protocol, setup.corpus.name)
+
+
+def run_locate(config: LocateConfig) -> dict:
+    """Run the pipeline and return its results document."""
+    setup = load(config)
+    loaded, model, tokens, corpus = setup.loaded, setup.model, setup.tokens, setup.corpus
+    protocol, prepend_bos, texts = setup.protocol, setup.prepend_bos, setup.texts
+    known = known_entry(config, loaded)
+    found = find(setup, config)
 
     log.info("perplexity on %s: %s", corpus.name, protocol.describe())
     baseline = evaluate(model, tokens, protocol, corpus.name, desc="baseline")
@@ -265,4 +300,63 @@ def run_locate(config: LocateConfig) -> dict:
         "weight_distributions": [asdict(weight_distribution(model, c.coord)) for c in shown],
         "known": config.check_known and known_dict(config, known, model, found),
         "provenance": provenance(loaded.device, loaded.dtype, config.seed),
+    }
+
+
+def super_weights(
+    setup: Setup, config: LocateConfig, results: str | None = None
+) -> tuple[list[WeightCoord], str]:
+    """The super weights an experiment works on, and how they were chosen: the weights
+    given in `config`, else those of a locate `results` file for the same model, else
+    what the locate rule finds and ranks now."""
+    if config.weights:
+        return list(config.weights), "given (--weight)"
+    if results:
+        document = read_json(Path(results), kind="locate")
+        if document["model"]["name"] != setup.loaded.name:
+            raise SwLensError(
+                f"results file '{results}' is for model {document['model']['name']!r}, "
+                f"not {setup.loaded.name!r}"
+            )
+        coords = [WeightCoord(c["layer"], c["row"], c["col"]) for c in document["super_weights"]]
+        check_coords(setup.model, coords)
+        source = f"super weights of {results}"
+    else:
+        found = find(setup, config)
+        coords = [c.coord for c in found.super_weights]
+        source = (
+            f"found by the locate rule on {len(config.prompts)} prompt(s), ranked on "
+            f"{found.ranking.n_tokens} tokens ({config.criterion.describe()})"
+        )
+    if not coords:
+        raise SwLensError(
+            f"no super weight in {setup.loaded.name} ({source}); name one with --weight L,ROW,COL"
+        )
+    return coords, source
+
+
+def experiment_document(
+    kind: str, setup: Setup, config: LocateConfig, coords: list[WeightCoord], source: str
+) -> dict:
+    """What every experiment's results document starts with."""
+    model = setup.model
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "model": {
+            "name": setup.loaded.name,
+            "source": setup.loaded.source,
+            "architecture": type(model.original_model).__name__,
+            "n_layers": model.cfg.n_layers,
+            "d_model": model.cfg.d_model,
+            "d_mlp": model.cfg.d_mlp,
+        },
+        "super_weights": [
+            asdict(c) | {"value": weight_value(model, c), "w_out_index": list(c.w_out_index)}
+            for c in coords
+        ],
+        "super_weight_source": source,
+        "corpus": setup.corpus.name,
+        "config": asdict(config),
+        "provenance": provenance(setup.loaded.device, setup.loaded.dtype, config.seed),
     }

@@ -111,8 +111,9 @@ def write_json(path: Path, document: dict) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def read_json(path: Path, kind: str) -> dict:
-    """A results document of this schema version and `kind`, or a one-line error."""
+def read_json(path: Path, kind: str | set[str]) -> dict:
+    """A results document of this schema version and `kind` (or one of several kinds), or
+    a one-line error."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -125,6 +126,8 @@ def read_json(path: Path, kind: str) -> dict:
             f"results file '{path}' has schema_version {found!r}; this sw_lens reads "
             f"{SCHEMA_VERSION}: regenerate it with this version"
         )
-    if document.get("kind") != kind:
-        raise SwLensError(f"results file '{path}' holds {document.get('kind')!r}, not {kind!r}")
+    kinds = {kind} if isinstance(kind, str) else kind
+    if document.get("kind") not in kinds:
+        wanted = " or ".join(repr(k) for k in sorted(kinds))
+        raise SwLensError(f"results file '{path}' holds {document.get('kind')!r}, not {wanted}")
     return document

@@ -23,15 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import median
 
-import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.locate import Criterion, apply_rule
-from sw_lens.patching import WeightCoord, by_layer, check_coords
-from sw_lens.scan import MLP_OUT, POST, scan
+from sw_lens.patching import WeightCoord, check_coords
+from sw_lens.scan import column_maxima, scan
 
 TOKEN_KINDS = ("BOS", "first token", "delimiter", "other")
 
@@ -88,29 +87,6 @@ def _flags(n_texts: int, n_rule: int, kinds: Counter) -> list[str]:
     return flags
 
 
-def _column_maxima(
-    model: TransformerBridge, ids: Int[Tensor, "pos"], coords: Sequence[WeightCoord]
-) -> dict[WeightCoord, tuple[float, int, float]]:
-    """(signed max |hook_mlp_out[:, row]|, its position, hook_post[pos, col]) per weight."""
-    found: dict[WeightCoord, tuple[float, int, float]] = {}
-    posts: dict[int, Tensor] = {}
-    hooks = []
-    for layer, layer_coords in by_layer(coords).items():
-
-        def keep_post(post: Float[Tensor, "1 pos d_mlp"], hook, layer=layer) -> None:
-            posts[layer] = post[0]
-
-        def measure(out: Float[Tensor, "1 pos d_model"], hook, layer=layer, cs=layer_coords):
-            for c in cs:
-                pos = int(out[0, :, c.row].abs().argmax())
-                found[c] = (float(out[0, pos, c.row]), pos, float(posts[layer][pos, c.col]))
-
-        hooks += [(POST.format(layer), keep_post), (MLP_OUT.format(layer), measure)]
-    with torch.inference_mode():
-        model.run_with_hooks(ids[None].to(model.cfg.device), fwd_hooks=hooks, return_type=None)
-    return found
-
-
 def robustness(
     model: TransformerBridge,
     texts: Sequence[Int[Tensor, "pos"]],
@@ -133,7 +109,7 @@ def robustness(
     coords = sorted(set().union(*named) | set(weights))
     firings: dict[WeightCoord, list[Firing]] = {c: [] for c in coords}
     for text, ids in enumerate(tqdm(texts, desc="measure", leave=False, disable=None)):
-        for c, (value, pos, post) in _column_maxima(model, ids, coords).items():
+        for c, (value, pos, post) in column_maxima(model, ids, coords).items():
             token = model.tokenizer.decode([int(ids[pos])])
             firings[c].append(
                 Firing(

@@ -27,6 +27,7 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import NonFiniteActivation, SwLensError
+from sw_lens.patching import WeightCoord, by_layer
 
 POST = "blocks.{}.mlp.hook_post"
 MLP_OUT = "blocks.{}.hook_mlp_out"
@@ -226,6 +227,30 @@ def scan_with_cache(
             )
         caches.append(cache)
     return reducer.result(prepend_bos, texts), caches
+
+
+def column_maxima(
+    model: TransformerBridge, ids: Int[Tensor, "pos"], coords: Sequence[WeightCoord]
+) -> dict[WeightCoord, tuple[float, int, float]]:
+    """Per weight: the signed largest |hook_mlp_out[:, row]| of its layer on `ids` (its
+    super activation there), that position, and hook_post[pos, col] (the weight's input)."""
+    found: dict[WeightCoord, tuple[float, int, float]] = {}
+    posts: dict[int, Tensor] = {}
+    hooks = []
+    for layer, layer_coords in by_layer(coords).items():
+
+        def keep_post(post: Float[Tensor, "1 pos d_mlp"], hook, layer=layer) -> None:
+            posts[layer] = post[0]
+
+        def measure(out: Float[Tensor, "1 pos d_model"], hook, layer=layer, cs=layer_coords):
+            for c in cs:
+                pos = int(out[0, :, c.row].abs().argmax())
+                found[c] = (float(out[0, pos, c.row]), pos, float(posts[layer][pos, c.col]))
+
+        hooks += [(POST.format(layer), keep_post), (MLP_OUT.format(layer), measure)]
+    with torch.inference_mode():
+        model.run_with_hooks(ids[None].to(model.cfg.device), fwd_hooks=hooks, return_type=None)
+    return found
 
 
 @dataclass

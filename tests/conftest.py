@@ -12,6 +12,7 @@ spike only appears once the first weight is removed.
 """
 
 import os
+import random
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -179,3 +180,59 @@ def hf_cache_snapshot(hf_home: Path, repo_id: str, model) -> Path:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     return save(model, repo / "snapshots" / revision)
+
+
+# A toy model whose function runs through its super weight: trained with the weight in
+# place (re-planted after every step), so the rest of the network learns to rely on it,
+# as real models do. Neuron SW.col of layer SW.layer reads residual dimension SW.dim,
+# which every token's embedding sets to 1, so the super activation sits on every token.
+TOY = Plant(layer=1, row=5, col=17, dim=3, value=16.0)
+TOY_LAYERS, TOY_STEPS = 3, 600
+
+
+def toy_text(n_sentences: int, seed: int) -> str:
+    """Sentences of a small grammar: learnable in a few hundred steps, byte by byte."""
+    rng = random.Random(seed)
+    subjects = ["the cat", "a dog", "my friend", "the old man", "her sister", "the bird"]
+    verbs = ["sat on", "looked at", "ran to", "jumped over", "walked past", "sang to"]
+    objects = ["the mat", "a tree", "the house", "my car", "the river", "a small box"]
+    return " ".join(
+        f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
+        for _ in range(n_sentences)
+    )
+
+
+def _replant_toy(model) -> None:
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, TOY.dim] = 1.0
+        layer = model.model.layers[TOY.layer]
+        layer.post_attention_layernorm.weight[TOY.dim] = 1.0
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            proj.weight[TOY.col, :] = 0.0
+            proj.weight[TOY.col, TOY.dim] = DRIVE["llama"]
+        layer.mlp.down_proj.weight[:, TOY.col] = 0.0
+        layer.mlp.down_proj.weight[TOY.row, TOY.col] = TOY.value
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> Path:
+    """An HF directory with the trained toy model and a held-out corpus.txt (~4 s)."""
+    config = hf_config("llama")
+    config.num_hidden_layers = TOY_LAYERS
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    _replant_toy(model)
+    ids = torch.tensor(byte_tokenizer()(toy_text(3000, seed=0))["input_ids"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(TOY_STEPS):
+        starts = torch.randint(0, len(ids) - 33, (16,), generator=generator)
+        batch = torch.stack([ids[s : s + 32] for s in starts])
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        _replant_toy(model)
+    path = save(model.eval(), tmp_path_factory.mktemp("toy") / "toy")
+    (path / "corpus.txt").write_text(toy_text(400, seed=1))
+    return path

@@ -1,0 +1,54 @@
+"""Perplexity as the super weights are multiplied by factors from 0 to 3 (the paper finds
+that factors of 0.8-2.0 can help slightly). One sweep: the layers before the super
+weight run once per window for all factors. Writes scaling.json and a figure.
+"""
+
+from _cli import (
+    experiment_parser,
+    experiment_setup,
+    float_list,
+    print_header,
+    run,
+    save_results,
+)
+
+from sw_lens.figures import scaling_figure
+from sw_lens.perplexity import evaluate_sweep
+from sw_lens.pipeline import experiment_document
+
+FACTORS = [0.0, 0.25, 0.5, 0.75, 0.8, 0.9, 1.1, 1.25, 1.5, 2.0, 2.5, 3.0]
+
+
+def main() -> None:
+    p = experiment_parser(__doc__, max_tokens=4096)
+    p.add_argument("--factors", type=float_list, default=FACTORS, help="comma-separated")
+    args = p.parse_args()
+    config, setup, coords, source = experiment_setup(args)
+    factors = [f for f in args.factors if f != 1.0]  # x1 is the baseline, measured anyway
+    baseline, scaled = evaluate_sweep(
+        setup.model,
+        setup.tokens,
+        setup.protocol,
+        setup.corpus.name,
+        [coords] * len(factors),
+        scale=factors,
+        desc="scaling",
+    )
+    points = [{"scale": 1.0, **baseline.to_dict()}] + [
+        {"scale": factor, **result.to_dict()}
+        for factor, result in zip(factors, scaled, strict=True)
+    ]
+    points.sort(key=lambda point: point["scale"])
+    document = experiment_document("scaling", setup, config, coords, source) | {
+        "baseline": baseline.to_dict(),
+        "scaling": points,
+    }
+    print_header(document, document["baseline"])
+    for point in points:
+        ratio = point["perplexity"] / baseline.perplexity
+        print(f"  x{point['scale']:<6g} {point['perplexity']:>10.3f}  (x{ratio:.4f} of baseline)")
+    save_results(args, "scaling", document, scaling_figure)
+
+
+if __name__ == "__main__":
+    run(main)
