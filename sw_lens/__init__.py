@@ -6,6 +6,7 @@ Data flows one way: text -> tokens -> scan -> locate -> patching -> perplexity -
 from sw_lens.corpora import Corpus, load_corpus, tokenize
 from sw_lens.decompose import Decomposition, decompose
 from sw_lens.errors import NonFiniteActivation, SwLensError
+from sw_lens.layer_major import scan_layer_major
 from sw_lens.locate import Candidate, Criterion, LocateResult, locate, rank_by_effect
 from sw_lens.models import LoadedModel, load_model
 from sw_lens.patching import WeightCoord, ablation_hooks, edited_weights
@@ -35,6 +36,7 @@ __all__ = [
     "locate",
     "rank_by_effect",
     "scan",
+    "scan_layer_major",
     "scan_with_cache",
     "tokenize",
 ]

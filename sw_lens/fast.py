@@ -56,7 +56,7 @@ def hf_twin(model: TransformerBridge) -> PreTrainedModel:
     return twin
 
 
-def _down_proj_module(model: TransformerBridge, twin: PreTrainedModel, layer: int) -> nn.Module:
+def down_proj_module(model: TransformerBridge, twin: PreTrainedModel, layer: int) -> nn.Module:
     name, _ = down_proj_parameter(model, layer)
     return twin.get_submodule(name.removesuffix(".weight"))
 
@@ -71,7 +71,7 @@ def twin_ablation(
     handles = []
     try:
         for layer, edit in edits.items():
-            module = _down_proj_module(model, twin, layer)
+            module = down_proj_module(model, twin, layer)
             handles.append(
                 module.register_forward_hook(lambda mod, args, out, e=edit: e.apply(args[0], out))
             )
@@ -84,7 +84,7 @@ def twin_ablation(
 def decoder_layers(model: TransformerBridge, twin: PreTrainedModel) -> tuple[nn.Module, str]:
     """The module holding the twin's list of decoder layers, and that list's attribute
     name (``model.layers`` for Llama-like models, ``transformer.h`` for GPT-2)."""
-    first = _down_proj_module(model, twin, 0)
+    first = down_proj_module(model, twin, 0)
     for parent in twin.modules():
         for name, child in parent.named_children():
             if isinstance(child, nn.ModuleList) and len(child) == model.cfg.n_layers:

@@ -91,7 +91,7 @@ def _token(model: TransformerBridge, ids: Int[Tensor, "pos"], pos: int) -> str:
     return model.tokenizer.decode([int(ids[pos])])
 
 
-class _Reducer:
+class SpikeReducer:
     """Running per-layer maxima over texts, fed one layer's activation at a time."""
 
     def __init__(self, model: TransformerBridge):
@@ -109,27 +109,41 @@ class _Reducer:
         post: Float[Tensor, "pos d_mlp"] | None = None,
         mlp_out: Float[Tensor, "pos d_model"] | None = None,
         resid_mid: Float[Tensor, "pos d_model"] | None = None,
+        offset: int = 0,
     ) -> None:
+        """Fold in one layer's activations of text `text` at positions ``offset..`` (the
+        whole text, or a chunk of it)."""
         if post is not None:
-            spike = self._beats(self.post[layer], POST.format(layer), post, text, ids)
+            spike = self._beats(self.post[layer], POST.format(layer), post, text, ids, offset)
             self.post[layer] = spike or self.post[layer]
         if mlp_out is not None:
-            spike = self._beats(self.out[layer], MLP_OUT.format(layer), mlp_out, text, ids)
+            spike = self._beats(self.out[layer], MLP_OUT.format(layer), mlp_out, text, ids, offset)
             if spike is not None:
                 self.out[layer] = spike
                 self.resid[layer] = (
-                    None if resid_mid is None else float(resid_mid[spike.pos, spike.channel])
+                    None
+                    if resid_mid is None
+                    else float(resid_mid[spike.pos - offset, spike.channel])
                 )
 
     def _beats(
-        self, best: Spike | None, hook: str, act: Float[Tensor, "pos channel"], text: int, ids
+        self,
+        best: Spike | None,
+        hook: str,
+        act: Float[Tensor, "pos channel"],
+        text: int,
+        ids,
+        offset: int,
     ) -> Spike | None:
-        """This text's spike of `act` if it is larger than `best` (earlier texts win ties)."""
+        """This activation's spike if it is larger than `best` (earlier positions and
+        texts win ties)."""
         _check_finite(act, hook)
         value, pos, channel = _max_abs(act)
         if best is not None and abs(value) <= best.magnitude:
             return None
-        return Spike(hook, value, text, pos, channel, _token(self.model, ids, pos))
+        return Spike(
+            hook, value, text, offset + pos, channel, _token(self.model, ids, offset + pos)
+        )
 
     def result(self, prepend_bos: bool, texts: Sequence[Tensor]) -> ScanResult:
         layers = [
@@ -142,7 +156,7 @@ class _Reducer:
         return ScanResult(layers, prepend_bos, len(texts), n_tokens)
 
 
-def _check_texts(texts: Sequence[Tensor]) -> None:
+def check_texts(texts: Sequence[Tensor]) -> None:
     if not texts or any(len(t) == 0 for t in texts):
         raise SwLensError("nothing to scan: every text needs at least one token")
 
@@ -155,8 +169,8 @@ def scan(
 ) -> ScanResult:
     """Scan token sequences (BOS already prepended where the protocol wants it; the flag
     is recorded) with `fwd_hooks` active, e.g. ablations from `patching`."""
-    _check_texts(texts)
-    reducer = _Reducer(model)
+    check_texts(texts)
+    reducer = SpikeReducer(model)
     has_resid_mid = RESID_MID.format(0) in model.hook_dict
     progress = tqdm(texts, desc="scan", leave=False, disable=len(texts) < 8 or None)
     for text, ids in enumerate(progress):
@@ -172,7 +186,7 @@ class _ScanDone(Exception):
     (a [pos, d_vocab] tensor, often the largest of the forward) are never computed."""
 
 
-def _reducer_hooks(reducer: _Reducer, text: int, ids: Tensor, has_resid_mid: bool) -> list:
+def _reducer_hooks(reducer: SpikeReducer, text: int, ids: Tensor, has_resid_mid: bool) -> list:
     """Hooks feeding one text's activations to `reducer`, one layer at a time.
 
     The layer is bound as a default argument: inside a hook, `hook.name` can be the
@@ -204,8 +218,8 @@ def scan_with_cache(
     """`scan` through ``run_with_cache``: same result, plus every text's cache of
     ``hook_post``, ``hook_mlp_out`` and ``hook_resid_mid`` (memory grows with layers x
     tokens; use `scan` for long inputs)."""
-    _check_texts(texts)
-    reducer = _Reducer(model)
+    check_texts(texts)
+    reducer = SpikeReducer(model)
     names = {
         f.format(layer) for layer in range(model.cfg.n_layers) for f in (POST, MLP_OUT, RESID_MID)
     }

@@ -3,8 +3,9 @@ same tokens, against a baseline measured in the same run.
 
 - throughput: sw_lens perplexity (baseline, and with a weight ablated) against the bare
   HF model computing the same loss with ``labels=`` and its default ``sdpa`` attention;
-- scan memory: peak memory above the loaded model for the streaming scan, a bare
-  forward and ``run_with_cache`` of every ``hook_post``/``hook_mlp_out``;
+- scan memory: peak memory above the loaded model for the streaming scan, the
+  layer-major scan, a bare forward and ``run_with_cache`` of every
+  ``hook_post``/``hook_mlp_out``;
 - prefix reuse: K ablations at layer L as one sweep against the naive loop.
 """
 
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from sw_lens.fast import hf_twin
+from sw_lens.layer_major import scan_layer_major
 from sw_lens.patching import WeightCoord, ablation_hooks
 from sw_lens.perplexity import Protocol, evaluate, evaluate_sweep
 from sw_lens.scan import MLP_OUT, POST, scan
@@ -133,8 +136,8 @@ def peak_memory(fn: Callable[[], object], device) -> int:
     return peak
 
 
-def scan_memory(bridge, ids: torch.Tensor):
-    """Peak memory above the loaded model for a 1-text scan, three ways, in units of one
+def scan_memory(bridge, ids: torch.Tensor, chunk: int = 128):
+    """Peak memory above the loaded model for a 1-text scan, four ways, in units of one
     layer's ``hook_post`` activation."""
     device = bridge.cfg.device
     ids = ids[None].to(device)
@@ -151,9 +154,13 @@ def scan_memory(bridge, ids: torch.Tensor):
         with torch.inference_mode():
             bridge(ids, return_type=None)
 
+    hf_twin(bridge)  # built once per model, outside the measurement
     rows = {
         "bare forward through the bridge": peak_memory(bare, device),
         "streaming scan (sw_lens.scan)": peak_memory(lambda: scan(bridge, [ids[0]], False), device),
+        f"layer-major scan, chunk {chunk} (sw_lens.layer_major)": peak_memory(
+            lambda: scan_layer_major(bridge, [ids[0]], False, chunk), device
+        ),
         "run_with_cache of all hook_post/hook_mlp_out": peak_memory(cached, device),
     }
     return [(name, peak, peak / one_post) for name, peak in rows.items()], one_post
