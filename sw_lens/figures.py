@@ -541,3 +541,33 @@ def quantize_figure(document: dict, out_dir: Path) -> list[Path]:
         np.atleast_1d(axes)[0].set_ylabel(f"perplexity ({base['corpus']})")
         np.atleast_1d(axes)[0].legend(frameon=False, fontsize=5)
         return _save(fig, out_dir, "quantize", experiment_caption(document), "quantization")
+
+
+def sweep_figure(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Across a sweep: each super weight's perplexity ratio, and how deep in its model it
+    sits (layer / (n_layers - 1))."""
+    found = [r for r in rows if r.get("ratio") is not None]
+    if not found:
+        return []
+    labels = [f"{r['run']} L{r['layer']} [{r['row']}, {r['col']}]" for r in found]
+    with plt.rc_context(STYLE):
+        fig, (left, right) = plt.subplots(
+            1,
+            2,
+            figsize=(COLUMN_WIDTH * 2, 0.8 + 0.25 * len(found)),
+            sharey=True,
+            layout="constrained",
+        )
+        ys = range(len(found))
+        left.barh(ys, [r["ratio"] for r in found], color=RED, height=0.6)
+        left.axvline(1.0, color=GREY, linewidth=0.6)
+        left.set_xscale("log")
+        left.set_yticks(ys, labels)
+        left.invert_yaxis()
+        left.set_xlabel("perplexity ratio, super weight zeroed / baseline")
+        depth = [r["layer"] / max(1, r["n_layers"] - 1) for r in found]
+        right.scatter(depth, ys, color=BLUE, s=8)
+        right.set_xlim(-0.05, 1.05)
+        right.set_xlabel("super weight layer / (n_layers - 1)")
+        text = f"{len(found)} super weights in {len({r['run'] for r in found})} runs"
+        return _save(fig, out_dir, "report", text, "super weights across models")

@@ -10,7 +10,6 @@ this matters: "row 447, col 666" in nanoGPT's layout is ``W_out[2][666, 447]``.
 """
 
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from sw_lens.errors import SwLensError
 from sw_lens.locate import Candidate
 from sw_lens.patching import WeightCoord, check_coords, weight_value
+from sw_lens.results import read_toml
 
 REGISTRY = Path(__file__).parent / "data" / "known_super_weights.toml"
 CONVENTION = "HF down_proj.weight[row, col] (nn.Linear, [out, in])"
@@ -80,12 +80,7 @@ def load_registry(path: Path | str | None = None) -> list[KnownModel]:
     """The registry's models (the packaged file unless `path`), or a one-line error
     naming the entry that is malformed."""
     path = Path(path) if path else REGISTRY
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SwLensError(f"registry '{path}' does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise SwLensError(f"registry '{path}' is not valid TOML: {err}") from None
+    data = read_toml(path, "registry")
     sources = data.get("sources", {})
     models = []
     for m, model in enumerate(data.get("models", [])):

@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import tomllib
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
@@ -131,3 +132,13 @@ def read_json(path: Path, kind: str | set[str]) -> dict:
         wanted = " or ".join(repr(k) for k in sorted(kinds))
         raise SwLensError(f"results file '{path}' holds {document.get('kind')!r}, not {wanted}")
     return document
+
+
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file (a registry, a sweep file), or a one-line error naming it as `what`."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SwLensError(f"{what} '{path}' does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise SwLensError(f"{what} '{path}' is not valid TOML: {err}") from None

@@ -1,0 +1,448 @@
+"""Sweeps: many models, one sweep file, one results folder per run, one table at the end.
+
+A sweep file (TOML) lists runs; each run is one model with its options and the
+experiments to run on it. The same run executes locally (`run_task`, one after another)
+or as one task of a SLURM job array (`experiments/slurm/sweep.sbatch`, which calls back
+into ``experiments/sweep.py task``). Every run writes its own folder under the sweep's
+output folder, and a ``status.json`` saying whether each experiment succeeded, so a
+failed run never hides the others and ``report`` can tell finished, failed and missing
+runs apart. Example::
+
+    [sweep]
+    out = "results/gpt2-sizes"         # relative to this file; default: out/sweeps/<name>
+    experiments = ["locate", "controls"]
+
+    [slurm]                             # only for `sweep.py slurm`
+    partition = "gpu"
+    time = "02:00:00"
+    gpus_per_task = 1
+    mem = "32G"
+    setup = ["module load cuda", "source ~/venvs/sw_lens/bin/activate"]
+    extra = ["--account=my-lab"]
+
+    [defaults]                          # options of every run
+    dtype = "bfloat16"
+    device = "auto"
+
+    [[runs]]
+    model = "gpt2"
+
+    [[runs]]
+    model = "Qwen/Qwen2.5-3B"
+    name = "qwen2.5-3b"
+    window = 2048
+"""
+
+import csv
+import difflib
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sw_lens.errors import SwLensError
+from sw_lens.results import read_toml, write_atomic, write_json
+
+EXPERIMENTS = ("locate", "controls", "restore", "stopwords", "scaling", "quantize")
+# Run options: each becomes --option-name value of every experiment command.
+OPTIONS = {
+    "model": str,
+    "dtype": str,
+    "device": str,
+    "tokenizer": str,
+    "text": str,
+    "window": int,
+    "stride": int,
+    "batch_size": int,
+    "max_tokens": int,
+    "rank_tokens": int,
+    "bos": str,
+    "iterations": int,
+    "threshold": float,
+    "min_ratio": float,
+    "min_ppl_ratio": float,
+    "prompt": str,
+    "seed": int,
+    "trust_remote_code": bool,
+}
+RUN_KEYS = {"name", "experiments", *OPTIONS}
+SLURM_KEYS = {
+    "partition",
+    "time",
+    "gpus_per_task",
+    "cpus_per_task",
+    "mem",
+    "max_parallel",
+    "job_name",
+    "setup",
+    "extra",
+}
+STATUS = "status.json"
+
+
+def _unknown(keys, known: set[str], where: str) -> None:
+    """A typo'd key is an error that names it and the nearest valid key."""
+    for key in keys:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise SwLensError(
+                f"{where}: unknown key '{key}'{hint} (valid: {', '.join(sorted(known))})"
+            )
+
+
+@dataclass
+class Run:
+    index: int
+    name: str
+    experiments: list[str]
+    options: dict  # OPTIONS keys -> values
+
+    def folder(self, out: Path) -> Path:
+        return out / "runs" / f"{self.index:03d}-{self.name}"
+
+    def commands(self, out: Path, python: str, repo: Path) -> list[list[str]]:
+        """One command line per experiment; experiments after `locate` reuse its super
+        weights through ``--results``."""
+        folder = self.folder(out)
+        commands = []
+        for experiment in self.experiments:
+            argv = [python, str(repo / "experiments" / f"{experiment}.py"), "--out", str(folder)]
+            for key, value in self.options.items():
+                flag = "--" + key.replace("_", "-")
+                if OPTIONS[key] is bool:
+                    argv += [flag] if value else []
+                else:
+                    argv += [flag, str(value)]
+            if experiment != "locate" and "locate" in self.experiments:
+                argv += ["--results", str(folder / "results.json")]
+            commands.append(argv)
+        return commands
+
+
+@dataclass
+class Sweep:
+    path: Path
+    out: Path
+    runs: list[Run]
+    slurm: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "sweep_file": str(self.path),
+            "out": str(self.out),
+            "slurm": self.slurm,
+            "runs": [asdict(r) for r in self.runs],
+        }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text.rstrip("/")).name).strip("-") or "run"
+
+
+def _checked_options(options: dict, where: str) -> dict:
+    _unknown(options, RUN_KEYS, where)
+    checked = {}
+    for key, value in options.items():
+        if key in ("name", "experiments"):
+            continue
+        kind = OPTIONS[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise SwLensError(f"{where}: '{key}' must be {kind.__name__}, got {value!r}")
+        checked[key] = value
+    return checked
+
+
+PATH_OPTIONS = ("model", "text", "tokenizer")
+
+
+def _anchored(options: dict, folder: Path) -> dict:
+    """Relative paths in a sweep file are relative to the file, wherever a task runs (a
+    SLURM task starts in the checkout); names that are not files there (hub ids, named
+    corpora) stay as they are."""
+    return options | {
+        key: str((folder / options[key]).resolve())
+        for key in PATH_OPTIONS
+        if key in options
+        and not Path(options[key]).is_absolute()
+        and (folder / options[key]).exists()
+    }
+
+
+def load_sweep(path: Path | str, out: Path | str | None = None) -> Sweep:
+    """Read and check a sweep file; every mistake is one line naming where it is."""
+    path = Path(path)
+    data = read_toml(path, "sweep file")
+    _unknown(data, {"sweep", "slurm", "defaults", "runs"}, f"sweep file '{path}'")
+    head = data.get("sweep", {})
+    _unknown(head, {"out", "experiments"}, f"{path} [sweep]")
+    slurm = data.get("slurm", {})
+    _unknown(slurm, SLURM_KEYS, f"{path} [slurm]")
+    defaults = _checked_options(data.get("defaults", {}), f"{path} [defaults]")
+    experiments = head.get("experiments", ["locate"])
+    if not data.get("runs"):
+        raise SwLensError(f"sweep file '{path}' has no [[runs]]")
+    runs = []
+    for i, entry in enumerate(data["runs"]):
+        where = f"{path} runs[{i}]"
+        options = _anchored(defaults | _checked_options(entry, where), path.parent)
+        wanted = entry.get("experiments", experiments)
+        _unknown(wanted, set(EXPERIMENTS), f"{where} experiments")
+        if "model" not in options:
+            raise SwLensError(f"{where}: no 'model'")
+        runs.append(Run(i, _slug(entry.get("name", options["model"])), list(wanted), options))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise SwLensError(f"{path}: two runs share a name; give each a distinct 'name'")
+    # --out is relative to where you are, [sweep] out to the file, like its other paths.
+    if out is not None:
+        folder = Path(out)
+    elif "out" in head:
+        folder = path.parent / head["out"]
+    else:
+        folder = Path("out") / "sweeps" / path.stem
+    return Sweep(path.resolve(), folder.resolve(), runs, slurm)
+
+
+def read_status(sweep: Sweep, run: Run) -> dict | None:
+    try:
+        return json.loads((run.folder(sweep.out) / STATUS).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def finished(sweep: Sweep, run: Run) -> bool:
+    status = read_status(sweep, run)
+    return bool(status) and status["status"] == "ok"
+
+
+def _error_line(stderr: str) -> str:
+    """The one-line error a command printed (or its last line of output)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("error:", "interrupted:"))]
+    return (errors or lines or ["(no output)"])[-1].removeprefix("error: ")
+
+
+def run_task(sweep: Sweep, index: int, python: str, repo: Path) -> dict:
+    """Run one run's experiments one after another (an experiment that fails ends the
+    run: the later ones depend on it) and write its ``status.json``."""
+    if not 0 <= index < len(sweep.runs):
+        raise SwLensError(f"task {index} is not in the sweep (0..{len(sweep.runs) - 1})")
+    run = sweep.runs[index]
+    folder = run.folder(sweep.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    steps = []
+    status = "ok"
+    for experiment, argv in zip(
+        run.experiments, run.commands(sweep.out, python, repo), strict=True
+    ):
+        start = time.monotonic()
+        done = subprocess.run(argv, capture_output=True, text=True)
+        (folder / f"{experiment}.log").write_text(done.stdout + done.stderr)
+        step = {
+            "experiment": experiment,
+            "returncode": done.returncode,
+            "seconds": round(time.monotonic() - start, 1),
+        }
+        if done.returncode:
+            step["error"] = _error_line(done.stderr)
+            status = "failed"
+        steps.append(step)
+        if status == "failed":
+            break
+    document = {"run": asdict(run), "status": status, "steps": steps}
+    write_json(folder / STATUS, document)
+    return document
+
+
+def python_and_repo() -> tuple[str, Path]:
+    """The interpreter and checkout that tasks run with: the ones running now."""
+    return sys.executable, Path(__file__).resolve().parents[1]
+
+
+# --- SLURM -------------------------------------------------------------------------------
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "experiments" / "slurm" / "sweep.sbatch"
+
+
+def sbatch_lines(sweep: Sweep, indices: list[int]) -> list[str]:
+    """The #SBATCH lines of the job array for `indices`, from the sweep's [slurm] table."""
+    s = sweep.slurm
+    logs = sweep.out / "slurm"
+    array = ",".join(str(i) for i in indices)
+    if s.get("max_parallel"):
+        array += f"%{s['max_parallel']}"
+    lines = [
+        f"--job-name={s.get('job_name', 'sw_lens-' + sweep.path.stem)}",
+        f"--array={array}",
+        f"--output={logs}/%A_%a.out",
+        f"--error={logs}/%A_%a.err",
+        "--ntasks=1",
+    ]
+    if "partition" in s:
+        lines.append(f"--partition={s['partition']}")
+    if "time" in s:
+        lines.append(f"--time={s['time']}")
+    if s.get("gpus_per_task"):
+        lines.append(f"--gpus-per-task={s['gpus_per_task']}")
+    if "cpus_per_task" in s:
+        lines.append(f"--cpus-per-task={s['cpus_per_task']}")
+    if "mem" in s:
+        lines.append(f"--mem={s['mem']}")
+    lines += list(s.get("extra", []))
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def render_sbatch(sweep: Sweep, indices: list[int], python: str, repo: Path) -> str:
+    """The repository's sbatch template with this sweep's #SBATCH lines, setup lines and
+    task command filled in."""
+    setup = sweep.slurm.get("setup", [])
+    setup = [setup] if isinstance(setup, str) else list(setup)
+    fill = {
+        "@SBATCH@": "\n".join(sbatch_lines(sweep, indices)),
+        "@SETUP@": "\n".join(setup) or "# (no setup lines in the sweep file)",
+        "@REPO@": _quote(str(repo)),
+        "@PYTHON@": _quote(python),
+        "@SWEEP@": _quote(str(sweep.path)),
+        "@OUT@": _quote(str(sweep.out)),
+    }
+    text = TEMPLATE.read_text()
+    for marker, value in fill.items():
+        text = text.replace(marker, value)
+    return text
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def submit(
+    sweep: Sweep, indices: list[int], extra: list[str], wait: bool, python: str, repo: Path
+) -> str:
+    """Write the filled sbatch script into the sweep folder and submit it; returns the job
+    id. The log folder exists before submission (SLURM does not create it)."""
+    logs = sweep.out / "slurm"
+    logs.mkdir(parents=True, exist_ok=True)
+    write_json(sweep.out / "sweep.json", sweep.to_dict())
+    script = write_atomic(
+        logs / "sweep.sbatch",
+        lambda tmp: tmp.write_text(render_sbatch(sweep, indices, python, repo)),
+    )
+    argv = ["sbatch", "--parsable", *(["--wait"] if wait else []), *extra, str(script)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SwLensError("sbatch is not on PATH: is this a SLURM login node?") from None
+    if done.returncode and not (wait and done.stdout.strip()):
+        raise SwLensError(f"sbatch failed: {_error_line(done.stderr)}")
+    job = done.stdout.strip().splitlines()[0].split(";")[0]
+    record = logs / "submissions.jsonl"
+    entry = {"job_id": job, "tasks": indices, "sbatch": argv, "time": time.time()}
+    with record.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return job
+
+
+# --- report ------------------------------------------------------------------------------
+
+COLUMNS = [
+    "run",
+    "model",
+    "status",
+    "layer",
+    "row",
+    "col",
+    "value",
+    "super_activation",
+    "baseline_ppl",
+    "ablated_ppl",
+    "ratio",
+    "n_layers",
+    "protocol",
+    "error",
+]
+
+
+def collect(out: Path) -> tuple[list[dict], dict]:
+    """One row per super weight of every finished run (one row for a run with none), and
+    one row per failed or missing run; with the sweep's plan."""
+    plan_path = Path(out) / "sweep.json"
+    try:
+        plan = json.loads(plan_path.read_text())
+    except FileNotFoundError:
+        raise SwLensError(f"'{out}' is not a sweep folder: no sweep.json") from None
+    sweep = Sweep(Path(plan["sweep_file"]), Path(plan["out"]), [Run(**r) for r in plan["runs"]])
+    rows = []
+    for run in sweep.runs:
+        base = {"run": run.name, "model": run.options["model"]}
+        status = read_status(sweep, run)
+        if status is None:
+            rows.append(base | {"status": "missing"})
+            continue
+        if status["status"] != "ok":
+            failed = next(s for s in status["steps"] if s["returncode"])
+            error = f"{failed['experiment']}: {failed.get('error', '')}"
+            rows.append(base | {"status": "failed", "error": error})
+            continue
+        rows += _locate_rows(run.folder(sweep.out) / "results.json", base)
+    return rows, plan
+
+
+def _locate_rows(path: Path, base: dict) -> list[dict]:
+    if not path.is_file():
+        return [base | {"status": "ok"}]
+    doc = json.loads(path.read_text())
+    ppl = doc["perplexity"]
+    baseline = ppl["baseline"]
+    ablated = {
+        tuple((w["layer"], w["row"], w["col"]) for w in a["weights"]): a for a in ppl["ablations"]
+    }
+    common = base | {
+        "status": "ok",
+        "baseline_ppl": baseline["perplexity"],
+        "n_layers": doc["model"]["n_layers"],
+        "protocol": baseline["protocol_description"],
+    }
+    if not doc["super_weights"]:
+        return [common | {"error": "no super weight found"}]
+    rows = []
+    for c in doc["super_weights"]:
+        alone = ablated.get(((c["layer"], c["row"], c["col"]),), {})
+        rows.append(
+            common
+            | {
+                "layer": c["layer"],
+                "row": c["row"],
+                "col": c["col"],
+                "value": c["value"],
+                "super_activation": c["output_activation"]["value"],
+                "ablated_ppl": alone.get("perplexity"),
+                "ratio": alone.get("ratio"),
+            }
+        )
+    return rows
+
+
+def table_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def table_markdown(rows: list[dict]) -> str:
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,191 @@
+"""Sweep files, running them locally, the sbatch script they render, and the report."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ONE, build, run_experiment, save
+
+from sw_lens.errors import SwLensError
+from sw_lens.sweep import collect, load_sweep, python_and_repo, render_sbatch, run_task, table_csv
+
+CORPUS = "Some words with the trigger A in them, and A again. " * 12
+DEFAULTS = {
+    "device": "cpu",
+    "window": 64,
+    "max_tokens": 256,
+    "rank_tokens": 128,
+    "prompt": "xyz A qrs",
+    "min_ppl_ratio": 0,
+}
+
+
+def toml_value(value) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def write_sweep(folder: Path, runs: list[dict], slurm: dict | None = None) -> Path:
+    """A sweep file over `runs` (model paths under `folder`) with the test defaults."""
+    (folder / "corpus.txt").write_text(CORPUS)
+    lines = ["[sweep]", f'out = "{folder / "out"}"', "[defaults]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in DEFAULTS.items()]
+    lines.append(f'text = "{folder / "corpus.txt"}"')
+    if slurm:
+        lines.append("[slurm]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in slurm.items()]
+    for run in runs:
+        lines.append("[[runs]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in run.items()]
+    path = folder / "sweep.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def models(tmp_path) -> Path:
+    save(build("llama", [ONE]), tmp_path / "tiny-llama")
+    save(build("gpt2", [ONE]), tmp_path / "tiny-gpt2")
+    return tmp_path
+
+
+def three_runs(folder: Path) -> list[dict]:
+    """Two tiny models and one that does not exist (its run must fail alone)."""
+    return [
+        {"model": str(folder / "tiny-llama")},
+        {"model": str(folder / "no-such-model")},
+        {"model": str(folder / "tiny-gpt2"), "experiments": ["locate", "scaling"]},
+    ]
+
+
+def test_a_sweep_runs_locally_and_reports_every_run(models):
+    sweep = load_sweep(write_sweep(models, three_runs(models)))
+    assert [r.name for r in sweep.runs] == ["tiny-llama", "no-such-model", "tiny-gpt2"]
+    assert sweep.runs[0].options["window"] == 64 and sweep.runs[2].experiments[1] == "scaling"
+    python, repo = python_and_repo()
+    (sweep.out).mkdir()
+    (sweep.out / "sweep.json").write_text(json.dumps(sweep.to_dict()))
+    statuses = [run_task(sweep, i, python, repo)["status"] for i in (0, 1)]
+    assert statuses == ["ok", "failed"]
+    rows, _ = collect(sweep.out)
+    by_run = {r["run"]: r for r in rows}
+    ok = by_run["tiny-llama"]
+    assert (ok["status"], ok["layer"], ok["row"], ok["col"], ok["value"]) == ("ok", 1, 5, 17, 8.0)
+    assert ok["ratio"] == pytest.approx(ok["ablated_ppl"] / ok["baseline_ppl"])
+    assert "window 64" in ok["protocol"]
+    assert by_run["no-such-model"]["status"] == "failed"
+    assert "model path" in by_run["no-such-model"]["error"]
+    assert by_run["tiny-gpt2"]["status"] == "missing"  # never ran: listed, not skipped
+    assert table_csv(rows).splitlines()[0].startswith("run,model,status,layer,row,col,value")
+
+
+def test_the_commands_run_local_resume_and_report(models, tmp_path):
+    path = write_sweep(models, three_runs(models)[:2])
+    done = run_experiment("sweep.py", "local", path)
+    assert done.returncode == 0, done.stderr
+    assert "run 1 (no-such-model): failed" in done.stdout
+    done = run_experiment("sweep.py", "local", path, "--resume")
+    assert "run 0" not in done.stdout and "run 1 (no-such-model): failed" in done.stdout
+    out = models / "out"
+    done = run_experiment("sweep.py", "report", out)
+    assert done.returncode == 0, done.stderr
+    assert (out / "report.csv").is_file() and (out / "report.md").is_file()
+    assert (out / "report.png").is_file()
+    assert "failed: no-such-model" in done.stdout
+    done = run_experiment("sweep.py", "plan", path)
+    assert "tiny-llama" in done.stdout and " ok " in done.stdout
+
+
+SLURM = {
+    "partition": "gpu",
+    "time": "01:30:00",
+    "gpus_per_task": 1,
+    "cpus_per_task": 4,
+    "mem": "32G",
+    "max_parallel": 2,
+    "setup": ["module load cuda", "source ~/venv/bin/activate"],
+    "extra": ["--account=lab"],
+}
+
+
+def test_the_sbatch_script_is_rendered_from_the_sweep_and_is_valid_bash(models):
+    sweep = load_sweep(write_sweep(models, three_runs(models), SLURM))
+    python, repo = python_and_repo()
+    script = render_sbatch(sweep, [0, 2], python, repo)
+    directives = [
+        line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH")
+    ]
+    logs = sweep.out / "slurm"
+    assert directives == [
+        "--job-name=sw_lens-sweep",
+        "--array=0,2%2",
+        f"--output={logs}/%A_%a.out",
+        f"--error={logs}/%A_%a.err",
+        "--ntasks=1",
+        "--partition=gpu",
+        "--time=01:30:00",
+        "--gpus-per-task=1",
+        "--cpus-per-task=4",
+        "--mem=32G",
+        "--account=lab",
+    ]
+    assert "module load cuda\nsource ~/venv/bin/activate" in script
+    assert f"experiments/sweep.py task '{sweep.path}'" in script
+    path = models / "rendered.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[runs]]\nmodle = 'gpt2'\n", "unknown key 'modle'; did you mean 'model'?"),
+        ("[defaults]\nwindow = 'big'\n[[runs]]\nmodel = 'gpt2'\n", "'window' must be int"),
+        ("[slurm]\npartion = 'gpu'\n[[runs]]\nmodel = 'gpt2'\n", "did you mean 'partition'?"),
+        ("[[runs]]\nmodel = 'gpt2'\nexperiments = ['locat']\n", "did you mean 'locate'?"),
+        ("[sweep]\n", "has no [[runs]]"),
+        ("[[runs]]\nmodel = 'gpt2'\n[[runs]]\nmodel = 'gpt2'\n", "two runs share a name"),
+        ("[[runs]\n", "is not valid TOML"),
+    ],
+)
+def test_a_bad_sweep_file_is_one_line(tmp_path, text, message):
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    with pytest.raises(SwLensError, match=message.replace("[", r"\[").replace("?", r"\?")):
+        load_sweep(path)
+
+
+def test_a_typo_in_a_sweep_file_exits_2_and_writes_nothing(tmp_path):
+    path, out = tmp_path / "sweep.toml", tmp_path / "out"
+    path.write_text(f'[sweep]\nout = "{out}"\n[[runs]]\nmodel = "gpt2"\ndtpye = "float16"\n')
+    for command in ("plan", "slurm"):
+        done = run_experiment("sweep.py", command, path)
+        assert done.returncode == 2
+        assert done.stderr.strip().endswith(
+            "did you mean 'dtype'? (valid: batch_size, bos, "
+            "device, dtype, experiments, iterations, max_tokens, "
+            "min_ppl_ratio, min_ratio, model, name, prompt, "
+            "rank_tokens, seed, stride, text, threshold, "
+            "tokenizer, trust_remote_code, window)"
+        )
+        assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_relative_paths_are_relative_to_the_sweep_file(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    (folder / "models" / "tiny").mkdir(parents=True)
+    (folder / "corpus.txt").write_text(CORPUS)
+    path = folder / "sweep.toml"
+    path.write_text(
+        '[sweep]\nout = "results"\n[defaults]\ntext = "corpus.txt"\n'
+        '[[runs]]\nmodel = "models/tiny"\n[[runs]]\nmodel = "gpt2"\ntext = "lee"\n'
+    )
+    monkeypatch.chdir(tmp_path)  # anywhere but the file's folder
+    sweep = load_sweep(path)
+    assert sweep.out == folder / "results"
+    assert sweep.runs[0].options == {
+        "text": str(folder / "corpus.txt"),
+        "model": str(folder / "models" / "tiny"),
+    }
+    assert sweep.runs[1].options == {"text": "lee", "model": "gpt2"}  # names, not paths
+    assert load_sweep(path, out="elsewhere").out == tmp_path / "elsewhere"
