@@ -8,14 +8,21 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from _cli import add_loading_args, add_rule_args, check_interrupted, criterion, run
+from _cli import (
+    add_loading_args,
+    add_rule_args,
+    check_interrupted,
+    criterion,
+    run,
+    save_results,
+)
 
 from sw_lens.decompose import decompose
 from sw_lens.figures import decomposition_figure
 from sw_lens.locate import locate
 from sw_lens.models import DEFAULT_MODEL, load_model
 from sw_lens.pipeline import PAPER_PROMPT, prompt_tokens
-from sw_lens.results import SCHEMA_VERSION, provenance, write_json
+from sw_lens.results import SCHEMA_VERSION, provenance
 
 
 def main() -> None:
@@ -48,10 +55,7 @@ def main() -> None:
         print(f"{d.explanation}\n")
     if not decompositions:
         print("no spike met the criterion: nothing to decompose")
-    out = args.out or Path("out") / Path(args.model).name
-    write_json(out / "explain.json", document)
-    figures = decomposition_figure(document, out) if decompositions else []
-    print(f"wrote {out / 'explain.json'} and {len(figures)} figure files")
+    save_results(args, "explain", document, decomposition_figure)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ from _cli import (
     criterion,
     positive_int,
     run,
+    save_results,
 )
 
 from sw_lens.corpora import DEFAULT_CORPUS, NAMED, load_corpus, sentences
 from sw_lens.figures import robustness_figure
 from sw_lens.models import DEFAULT_MODEL, load_model
 from sw_lens.pipeline import PAPER_PROMPT, prompt_tokens, resolve_bos
-from sw_lens.results import SCHEMA_VERSION, provenance, write_json
+from sw_lens.results import SCHEMA_VERSION, provenance
 from sw_lens.robustness import robustness
 
 
@@ -92,10 +93,7 @@ def main() -> None:
     }
     check_interrupted()
     print_report(document)
-    out = args.out or Path("out") / Path(args.model).name
-    write_json(out / "robustness.json", document)
-    figures = robustness_figure(document, out) if report else []
-    print(f"\nwrote {out / 'robustness.json'} and {len(figures)} figure files")
+    save_results(args, "robustness", document, robustness_figure)
 
 
 if __name__ == "__main__":

@@ -352,6 +352,8 @@ def track_figure(document: dict, out_dir: Path) -> list[Path]:
 def decomposition_figure(document: dict, out_dir: Path) -> list[Path]:
     """Cumulative share of each spike carried by its k largest weight products: a super
     weight is a curve that starts near 1."""
+    if not document["decompositions"]:
+        return []
     with plt.rc_context(STYLE):
         fig, ax = _figure(2.2)
         for d in document["decompositions"]:
@@ -379,6 +381,8 @@ def robustness_figure(document: dict, out_dir: Path, max_weights: int = 8) -> li
     """Per weight, its super activation in every scanned text, coloured by the kind of
     token where it fires in the texts where the rule names it (grey: elsewhere)."""
     weights = document["weights"][:max_weights]
+    if not weights:
+        return []
     with plt.rc_context(STYLE):
         fig, ax = _figure(0.8 + 0.3 * len(weights))
         for y, w in enumerate(weights):

@@ -55,7 +55,7 @@ def _embedding(twin, layers, ids: Tensor) -> Tensor:
     return kept["resid"]
 
 
-def _check_supported(model: TransformerBridge, twin, n_tokens: int) -> None:
+def _check_supported(twin, n_tokens: int) -> None:
     base = getattr(twin, "model", None)
     window = getattr(twin.config, "sliding_window", None)
     if getattr(base, "rotary_emb", None) is None or (window and window < n_tokens):
@@ -81,7 +81,7 @@ def scan_layer_major(
     reducer = SpikeReducer(model)
     device = model.cfg.device
     for text, ids in enumerate(texts):
-        _check_supported(model, twin, len(ids))
+        _check_supported(twin, len(ids))
         with torch.inference_mode():
             resid = _embedding(twin, layers, ids[None].to(device))
             for index, layer in enumerate(layers):
@@ -93,10 +93,10 @@ def _run_layer(model, twin, layer, index, resid, chunk, reducer, text, ids) -> N
     """Run decoder layer `index` over `resid` in chunks, in place, feeding the reducer."""
     n = resid.shape[1]
     cache = DynamicCache(config=twin.config)
-    offset = {}
+    state = {}  # the chunk's first position, and its resid_mid once the norm sees it
 
     def on_resid_mid(module, args):
-        offset["resid_mid"] = args[0][0]
+        state["resid_mid"] = args[0][0]
 
     def on_down_proj(module, args, out):
         reducer.update(
@@ -105,8 +105,8 @@ def _run_layer(model, twin, layer, index, resid, chunk, reducer, text, ids) -> N
             ids,
             post=args[0][0],
             mlp_out=out[0],
-            resid_mid=offset.pop("resid_mid", None),
-            offset=offset["start"],
+            resid_mid=state.pop("resid_mid", None),
+            offset=state["start"],
         )
 
     handles = [down_proj_module(model, twin, index).register_forward_hook(on_down_proj)]
@@ -116,7 +116,7 @@ def _run_layer(model, twin, layer, index, resid, chunk, reducer, text, ids) -> N
     try:
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
-            offset["start"] = start
+            state["start"] = start
             positions = torch.arange(start, end, device=resid.device)[None]
             keys = torch.arange(end, device=resid.device)
             mask = (keys[None, :] <= positions[0, :, None])[None, None]  # causal, offset
