@@ -31,6 +31,7 @@ runs apart. Example::
     model = "Qwen/Qwen2.5-3B"
     name = "qwen2.5-3b"
     window = 2048
+    args = { controls = ["--n-largest", "500"] }   # options of one experiment only
 """
 
 import csv
@@ -69,7 +70,7 @@ OPTIONS = {
     "seed": int,
     "trust_remote_code": bool,
 }
-RUN_KEYS = {"name", "experiments", *OPTIONS}
+RUN_KEYS = {"name", "experiments", "args", *OPTIONS}
 SLURM_KEYS = {
     "partition",
     "time",
@@ -101,6 +102,7 @@ class Run:
     name: str
     experiments: list[str]
     options: dict  # OPTIONS keys -> values
+    args: dict[str, list[str]] = field(default_factory=dict)  # experiment -> its own options
 
     def folder(self, out: Path) -> Path:
         return out / "runs" / f"{self.index:03d}-{self.name}"
@@ -120,7 +122,7 @@ class Run:
                     argv += [flag, str(value)]
             if experiment != "locate" and "locate" in self.experiments:
                 argv += ["--results", str(folder / "results.json")]
-            commands.append(argv)
+            commands.append(argv + self.args.get(experiment, []))
         return commands
 
 
@@ -148,7 +150,7 @@ def _checked_options(options: dict, where: str) -> dict:
     _unknown(options, RUN_KEYS, where)
     checked = {}
     for key, value in options.items():
-        if key in ("name", "experiments"):
+        if key in ("name", "experiments", "args"):
             continue
         kind = OPTIONS[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -157,6 +159,17 @@ def _checked_options(options: dict, where: str) -> dict:
             raise SwLensError(f"{where}: '{key}' must be {kind.__name__}, got {value!r}")
         checked[key] = value
     return checked
+
+
+def _checked_args(args, where: str) -> dict[str, list[str]]:
+    """`args = { controls = ["--n-largest", "129"] }`: options of one experiment only."""
+    if not isinstance(args, dict):
+        raise SwLensError(f"{where}: 'args' must be a table of experiment = [options]")
+    _unknown(args, set(EXPERIMENTS), f"{where} args")
+    for experiment, values in args.items():
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise SwLensError(f"{where}: args.{experiment} must be a list of strings")
+    return args
 
 
 PATH_OPTIONS = ("model", "text", "tokenizer")
@@ -196,7 +209,10 @@ def load_sweep(path: Path | str, out: Path | str | None = None) -> Sweep:
         _unknown(wanted, set(EXPERIMENTS), f"{where} experiments")
         if "model" not in options:
             raise SwLensError(f"{where}: no 'model'")
-        runs.append(Run(i, _slug(entry.get("name", options["model"])), list(wanted), options))
+        args = _checked_args(data.get("defaults", {}).get("args", {}), f"{path} [defaults]")
+        args = args | _checked_args(entry.get("args", {}), where)
+        name = _slug(entry.get("name", options["model"]))
+        runs.append(Run(i, name, list(wanted), options, args))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise SwLensError(f"{path}: two runs share a name; give each a distinct 'name'")

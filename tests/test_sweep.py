@@ -189,3 +189,24 @@ def test_relative_paths_are_relative_to_the_sweep_file(tmp_path, monkeypatch):
     }
     assert sweep.runs[1].options == {"text": "lee", "model": "gpt2"}  # names, not paths
     assert load_sweep(path, out="elsewhere").out == tmp_path / "elsewhere"
+
+
+def test_experiment_options_reach_only_their_experiment(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text(
+        '[sweep]\nexperiments = ["locate", "controls", "quantize"]\n'
+        '[defaults]\nargs = { quantize = ["--bits", "4"] }\n'
+        '[[runs]]\nmodel = "gpt2"\nargs = { controls = ["--n-largest", "129"] }\n'
+    )
+    (run,) = load_sweep(path).runs
+    python, repo = python_and_repo()
+    locate, controls, quantize = run.commands(tmp_path / "out", python, repo)
+    assert "--n-largest" not in locate and "--bits" not in locate
+    assert controls[-2:] == ["--n-largest", "129"] and "--bits" not in controls
+    assert quantize[-2:] == ["--bits", "4"] and "--results" in quantize
+    path.write_text('[[runs]]\nmodel = "gpt2"\nargs = { control = ["--draws", "3"] }\n')
+    with pytest.raises(SwLensError, match=r"did you mean 'controls'\?"):
+        load_sweep(path)
+    path.write_text('[[runs]]\nmodel = "gpt2"\nargs = { controls = "--draws 3" }\n')
+    with pytest.raises(SwLensError, match="args.controls must be a list of strings"):
+        load_sweep(path)
