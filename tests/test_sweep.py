@@ -162,7 +162,7 @@ def test_a_typo_in_a_sweep_file_exits_2_and_writes_nothing(tmp_path):
         done = run_experiment("sweep.py", command, path)
         assert done.returncode == 2
         assert done.stderr.strip().endswith(
-            "did you mean 'dtype'? (valid: batch_size, bos, "
+            "did you mean 'dtype'? (valid: args, batch_size, bos, "
             "device, dtype, experiments, iterations, max_tokens, "
             "min_ppl_ratio, min_ratio, model, name, prompt, "
             "rank_tokens, seed, stride, text, threshold, "
