@@ -508,8 +508,18 @@ def scaling_figure(document: dict, out_dir: Path) -> list[Path]:
         )
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("super weights multiplied by")
-        ax.set_ylabel(f"perplexity ({base['corpus']}, {base['n_tokens']} tokens)")
+        ax.set_ylabel(f"perplexity ({base['corpus']}, {base['n_tokens']} tokens)", color=RED)
+        if document.get("task"):
+            right = ax.twinx()
+            right.plot(
+                factors, [p["accuracy"] for p in points], marker="s", markersize=2, color=BLUE
+            )
+            right.set_ylabel(
+                f"next-word accuracy ({document['task']['n_prompts']} prompts)", color=BLUE
+            )
+            right.spines["right"].set_visible(True)
         ax.set_title(base["protocol_description"], fontsize=5)
         return _save(fig, out_dir, "scaling", experiment_caption(document), "scaling")
 

@@ -12,6 +12,9 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from sw_lens.fast import twin_ablation
+from sw_lens.patching import WeightCoord, column_edits
+
 CASE_STUDY_PROMPT = "Summer is hot. Winter is"
 
 
@@ -27,3 +30,22 @@ def top_predictions(
         {"token": model.tokenizer.decode([int(i)]), "token_id": int(i), "prob": float(p)}
         for p, i in zip(top.values, top.indices, strict=True)
     ]
+
+
+def next_word_accuracy(
+    model: TransformerBridge,
+    contexts: Sequence[Int[Tensor, "pos"]],
+    targets: Sequence[int],
+    ablation: Sequence[WeightCoord] = (),
+    scale: float = 0.0,
+) -> float:
+    """Share of `contexts` whose most likely next token is its target (e.g. the first
+    token of a held-out last word, as LAMBADA scores), with each weight in `ablation`
+    multiplied by `scale`; run in the HF twin (`sw_lens.fast`)."""
+    hits = 0
+    edits = column_edits(model, ablation, scale)
+    with torch.inference_mode(), twin_ablation(model, edits) as twin:
+        for ids, target in zip(contexts, targets, strict=True):
+            logits = twin(ids[None].to(model.cfg.device)).logits[0, -1]
+            hits += int(logits.argmax()) == target
+    return hits / len(contexts)

@@ -18,7 +18,7 @@ EXTRA = {
     "controls.py": ["--n-largest", "50", "--draws", "3"],
     "restore.py": ["--prompt", "the cat sat on the mat.", "--fraction", "0.5"],
     "stopwords.py": ["--n-prompts", "20"],
-    "scaling.py": ["--factors", "0,0.5,2"],
+    "scaling.py": ["--factors", "0,0.5,2", "--task-prompts", "10"],
     "quantize.py": ["--bits", "4", "--blocks", "tensor", "128"],
 }
 
@@ -51,6 +51,8 @@ def test_experiment_numbers_reach_the_results(toy, tmp_path):
     assert done.returncode == 0, done.stderr
     doc = json.loads((out / "scaling.json").read_text())
     points = {p["scale"]: p["perplexity"] for p in doc["scaling"]}
+    assert doc["task"]["n_prompts"] > 0
+    assert all(0 <= p["accuracy"] <= 1 for p in doc["scaling"])
     assert points[1.0] == doc["baseline"]["perplexity"]  # factor 1 is the baseline
     assert points[0.0] > 2 * points[1.0]
     redrawn = tmp_path / "redrawn"

@@ -7,6 +7,7 @@ from conftest import ONE, byte_tokenizer
 from sw_lens.errors import SwLensError
 from sw_lens.patching import WeightCoord, ablation_hooks
 from sw_lens.pipeline import prompt_tokens
+from sw_lens.predictions import next_word_accuracy
 from sw_lens.stopwords import CLASSES, class_mass, lambada, last_word_contexts, token_classes
 
 
@@ -52,3 +53,17 @@ def test_last_word_contexts_hold_out_the_final_word():
 def test_lambada_offline_is_one_line():
     with pytest.raises(SwLensError, match="LAMBADA is not available"):
         lambada(5)
+
+
+def test_next_word_accuracy_is_the_hand_counted_top_1(tiny):
+    model = tiny.bridge
+    contexts = prompt_tokens(tiny, ["xyz A qrs", "the cat sat on", "A"], False)
+    coords = [WeightCoord(ONE.layer, ONE.row, ONE.col)]
+    for scale in (0.0, 1.0, 2.0):
+        hooks = ablation_hooks(model, coords, scale)
+        top = [
+            int(model.run_with_hooks(ids[None], fwd_hooks=hooks)[0, -1].argmax())
+            for ids in contexts
+        ]
+        targets = [top[0], top[1] + 1, top[2]]  # two hits, one miss
+        assert next_word_accuracy(model, contexts, targets, coords, scale) == pytest.approx(2 / 3)
