@@ -102,6 +102,22 @@ def _ablation_entry(label: str, coords, result: PerplexityResult, baseline: Perp
     }
 
 
+def model_dict(loaded: LoadedModel) -> dict:
+    """What every results document says about the model it measured."""
+    cfg = loaded.bridge.cfg
+    return {
+        "name": loaded.name,
+        "source": loaded.source,
+        "location": loaded.location,
+        "architecture": type(loaded.bridge.original_model).__name__,
+        "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "d_mlp": cfg.d_mlp,
+        "n_ctx": cfg.n_ctx,
+        "iter_num": loaded.iter_num,
+    }
+
+
 def candidate_dict(c: Candidate, loaded: LoadedModel) -> dict:
     layer, row, col = c.coord.layer, c.coord.row, c.coord.col
     checkpoint_param, checkpoint_index = loaded.checkpoint_weight(layer, row, col)
@@ -263,21 +279,10 @@ def run_locate(config: LocateConfig) -> dict:
     headline = measured[-1] if measured else None
     prediction_ids = prompt_tokens(loaded, [config.prediction_prompt], prepend_bos)[0]
 
-    cfg = model.cfg
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "locate",
-        "model": {
-            "name": loaded.name,
-            "source": loaded.source,
-            "location": loaded.location,
-            "architecture": type(model.original_model).__name__,
-            "n_layers": cfg.n_layers,
-            "d_model": cfg.d_model,
-            "d_mlp": cfg.d_mlp,
-            "n_ctx": cfg.n_ctx,
-            "iter_num": loaded.iter_num,
-        },
+        "model": model_dict(loaded),
         "config": asdict(config),
         "scan": scan_dict(found.scans[0], config.prompts),
         "criterion": asdict(config.criterion) | {"description": config.criterion.describe()},
@@ -343,14 +348,7 @@ def experiment_document(
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
-        "model": {
-            "name": setup.loaded.name,
-            "source": setup.loaded.source,
-            "architecture": type(model.original_model).__name__,
-            "n_layers": model.cfg.n_layers,
-            "d_model": model.cfg.d_model,
-            "d_mlp": model.cfg.d_mlp,
-        },
+        "model": model_dict(setup.loaded),
         "super_weights": [
             asdict(c) | {"value": weight_value(model, c), "w_out_index": list(c.w_out_index)}
             for c in coords

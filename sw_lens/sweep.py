@@ -198,6 +198,7 @@ def load_sweep(path: Path | str, out: Path | str | None = None) -> Sweep:
     slurm = data.get("slurm", {})
     _unknown(slurm, SLURM_KEYS, f"{path} [slurm]")
     defaults = _checked_options(data.get("defaults", {}), f"{path} [defaults]")
+    default_args = _checked_args(data.get("defaults", {}).get("args", {}), f"{path} [defaults]")
     experiments = head.get("experiments", ["locate"])
     if not data.get("runs"):
         raise SwLensError(f"sweep file '{path}' has no [[runs]]")
@@ -209,8 +210,7 @@ def load_sweep(path: Path | str, out: Path | str | None = None) -> Sweep:
         _unknown(wanted, set(EXPERIMENTS), f"{where} experiments")
         if "model" not in options:
             raise SwLensError(f"{where}: no 'model'")
-        args = _checked_args(data.get("defaults", {}).get("args", {}), f"{path} [defaults]")
-        args = args | _checked_args(entry.get("args", {}), where)
+        args = default_args | _checked_args(entry.get("args", {}), where)
         name = _slug(entry.get("name", options["model"]))
         runs.append(Run(i, name, list(wanted), options, args))
     names = [r.name for r in runs]
