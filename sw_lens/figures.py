@@ -7,8 +7,6 @@ TransformerLens hook names on its axes and the model and prompt in a caption lin
 the file's metadata.
 """
 
-import html
-import json
 import re
 import textwrap
 from collections.abc import Callable
@@ -19,10 +17,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from circuitsvis.tokens import colored_tokens  # noqa: E402
 from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
+from sw_lens import pages  # noqa: E402
 from sw_lens.errors import SwLensError  # noqa: E402
 from sw_lens.results import write_atomic  # noqa: E402
 
@@ -40,6 +38,9 @@ STYLE = {
     "axes.linewidth": 0.6,
     "lines.linewidth": 1.0,
     "pdf.fonttype": 42,  # editable text in the PDF, as journals ask
+    # Labels carry token strings and names from files: "$" is a dollar sign, never the
+    # start of mathtext that a hostile token could make fail to parse.
+    "text.parse_math": False,
 }
 BLUE, RED, GREY = "#1f77b4", "#d62728", "#7f7f7f"
 
@@ -239,50 +240,42 @@ def weight_outlier(document: dict, out_dir: Path) -> list[Path]:
 def token_loss_page(document: dict, out_dir: Path) -> list[Path]:
     """An HTML page (works offline: circuitsvis's JavaScript is inlined) colouring each
     scored token by its loss increase when the weights are zeroed, and the top-k next-token
-    predictions on the case-study prompt before and after."""
+    predictions on the case-study prompt before and after. Every string is escaped for
+    where it lands (`sw_lens.pages`): token text comes from the tokenizer file."""
     loss, pred = document["token_loss"], document["predictions"]
     if loss is None:
         return []
     deltas = loss["delta"]
     limit = max(abs(d) for d in deltas) or 1.0
-    tokens_html = colored_tokens(
+    tokens = pages.circuitsvis_element(
+        "sw-lens-tokens",
+        "ColoredTokens",
         loss["tokens"],
-        deltas,
-        min_value=-limit,
-        max_value=limit,
-        negative_color="blue",
-        positive_color="red",
-    ).local_src
+        values=deltas,
+        minValue=-limit,
+        maxValue=limit,
+        negativeColor="blue",
+        positiveColor="red",
+    )
     rows = "".join(
-        f"<tr><td>{html.escape(repr(b['token']))}</td><td>{b['prob']:.3f}</td>"
-        f"<td>{html.escape(repr(a['token']))}</td><td>{a['prob']:.3f}</td></tr>"
+        f"<tr><td>{pages.text(repr(b['token']))}</td><td>{b['prob']:.3f}</td>"
+        f"<td>{pages.text(repr(a['token']))}</td><td>{a['prob']:.3f}</td></tr>"
         for b, a in zip(pred["before"], pred["after"], strict=True)
     )
+    base = document["perplexity"]["baseline"]
     mean = sum(deltas) / len(deltas)
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>sw_lens: {html.escape(loss["label"])}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
-table{{border-collapse:collapse}}td,th{{padding:0.2em 0.8em;border-bottom:1px solid #ddd}}</style>
-</head><body>
-<h1>{html.escape(document["model"]["name"])}: {html.escape(loss["label"])} zeroed</h1>
+    body = f"""<h1>{pages.text(document["model"]["name"])}: {pages.text(loss["label"])} zeroed</h1>
 <p>Per-token loss increase (nats) on the first {len(deltas)} scored tokens of
-{html.escape(document["perplexity"]["baseline"]["corpus"])}
-({html.escape(document["perplexity"]["baseline"]["protocol_description"])});
+{pages.text(base["corpus"])} ({pages.text(base["protocol_description"])});
 red: the token became harder to predict. Mean increase {mean:.3f} nats.</p>
-{tokens_html}
-<h2>Next-token predictions for {html.escape(repr(pred["prompt"]))}</h2>
+{tokens}
+<h2>Next-token predictions for {pages.text(repr(pred["prompt"]))}</h2>
 <table><tr><th>before</th><th>p</th><th>after</th><th>p</th></tr>{rows}</table>
-<script type="application/json" id="sw-lens-token-loss">{_script_json(loss)}</script>
-</body></html>
-"""
+{pages.json_data("sw-lens-token-loss", loss)}"""
+    text = pages.page(f"sw_lens: {loss['label']}", body)
     path = Path(out_dir) / "token_loss.html"
-    write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return [path]
-
-
-def _script_json(data) -> str:
-    """JSON safe inside a <script> element (a token may contain '</script>')."""
-    return json.dumps(data).replace("</", "<\\/")
 
 
 FIGURES: list[Callable[[dict, Path], list[Path]]] = [

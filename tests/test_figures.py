@@ -1,5 +1,6 @@
 """Figures come from a results file alone, are the size a paper column needs, and draw."""
 
+import html
 import json
 import re
 
@@ -92,7 +93,7 @@ def test_the_token_loss_page_has_one_element_per_scored_token(results_file, tmp_
     assert len(loss["tokens"]) == len(loss["delta"]) == 40
     props = re.search(r"CircuitsVis\.ColoredTokens,\s*(\{.*?\})\s*\)", text, re.S).group(1)
     props = json.loads(props)
-    assert props["tokens"] == loss["tokens"]
+    assert props["tokens"] == [html.escape(t) for t in loss["tokens"]]  # circuitsvis: HTML
     assert props["values"] == pytest.approx(loss["delta"])
     embedded = re.search(r'id="sw-lens-token-loss">(.*?)</script>', text, re.S).group(1)
     assert json.loads(embedded)["delta"] == loss["delta"]
