@@ -38,6 +38,7 @@ import csv
 import difflib
 import io
 import json
+import math
 import re
 import subprocess
 import sys
@@ -71,17 +72,6 @@ OPTIONS = {
     "trust_remote_code": bool,
 }
 RUN_KEYS = {"name", "experiments", "args", *OPTIONS}
-SLURM_KEYS = {
-    "partition",
-    "time",
-    "gpus_per_task",
-    "cpus_per_task",
-    "mem",
-    "max_parallel",
-    "job_name",
-    "setup",
-    "extra",
-}
 STATUS = "status.json"
 
 
@@ -94,6 +84,91 @@ def _unknown(keys, known: set[str], where: str) -> None:
             raise SwLensError(
                 f"{where}: unknown key '{key}'{hint} (valid: {', '.join(sorted(known))})"
             )
+
+
+def _table(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise SwLensError(f"{where} must be a table, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def _strings(value, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SwLensError(f"{where} must be a list of strings, got {value!r:.60}")
+    return value
+
+
+def _one_line(value: str, where: str) -> str:
+    """Nothing from a sweep file may start a new line of the generated script."""
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise SwLensError(f"{where} contains a newline or control character: {value!r:.60}")
+    return value
+
+
+# --- [slurm]: every value has a grammar; each becomes one #SBATCH line -------------------
+
+_NAME = r"[A-Za-z0-9_.+-]+"
+
+
+def _matching(pattern: str, grammar: str):
+    def check(value, where: str):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not re.fullmatch(pattern, value):
+            raise SwLensError(f"{where} must be {grammar}, got {value!r:.60}")
+        return value
+
+    return check
+
+
+def _count(minimum: int):
+    def check(value, where: str):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise SwLensError(f"{where} must be an integer >= {minimum}, got {value!r:.60}")
+        return value
+
+    return check
+
+
+def _setup_lines(value, where: str) -> list[str]:
+    """Shell lines the sweep's author writes to run before each task (modules, a
+    virtual environment): run as written, so one line each and nothing else."""
+    lines = [value] if isinstance(value, str) else _strings(value, where)
+    return [_one_line(line, where) for line in lines]
+
+
+def _sbatch_options(value, where: str) -> list[str]:
+    option = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9_.,:=%@/+-]+)?")
+    for item in _strings(value, where):
+        if not option.fullmatch(item):
+            raise SwLensError(
+                f"{where} must hold sbatch options like --account=lab (letters, digits and "
+                f"_.,:=%@/+- only), got {item!r:.60}"
+            )
+    return value
+
+
+SLURM_KEYS = {
+    "partition": _matching(rf"{_NAME}(,{_NAME})*", "partition names separated by commas"),
+    "account": _matching(_NAME, "an account name (letters, digits, _.+-)"),
+    "qos": _matching(_NAME, "a QOS name (letters, digits, _.+-)"),
+    "time": _matching(
+        r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|infinite|UNLIMITED",
+        "a SLURM time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS",
+    ),
+    "gpus_per_task": _matching(r"([A-Za-z0-9_.-]+:)?\d+", "a GPU count, or TYPE:COUNT"),
+    "cpus_per_task": _count(1),
+    "mem": _matching(r"\d+[KMGT]?", "a size such as 32G (a number, then K, M, G or T)"),
+    "max_parallel": _count(1),
+    "job_name": _matching(_NAME, "a job name (letters, digits, _.+-)"),
+    "setup": _setup_lines,
+    "extra": _sbatch_options,
+}
+
+
+def _checked_slurm(slurm, where: str) -> dict:
+    _unknown(_table(slurm, where), set(SLURM_KEYS), where)
+    return {key: SLURM_KEYS[key](value, f"{where} {key}") for key, value in slurm.items()}
 
 
 @dataclass
@@ -146,8 +221,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text.rstrip("/")).name).strip("-") or "run"
 
 
-def _checked_options(options: dict, where: str) -> dict:
-    _unknown(options, RUN_KEYS, where)
+def _checked_options(options, where: str) -> dict:
+    _unknown(_table(options, where), RUN_KEYS, where)
     checked = {}
     for key, value in options.items():
         if key in ("name", "experiments", "args"):
@@ -156,7 +231,11 @@ def _checked_options(options: dict, where: str) -> dict:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise SwLensError(f"{where}: '{key}' must be {kind.__name__}, got {value!r}")
+            raise SwLensError(f"{where}: '{key}' must be {kind.__name__}, got {value!r:.60}")
+        if kind is float and not math.isfinite(value):
+            raise SwLensError(f"{where}: '{key}' must be a finite number, got {value!r}")
+        if kind is str:
+            _one_line(value, f"{where}: '{key}'")
         checked[key] = value
     return checked
 
@@ -167,8 +246,8 @@ def _checked_args(args, where: str) -> dict[str, list[str]]:
         raise SwLensError(f"{where}: 'args' must be a table of experiment = [options]")
     _unknown(args, set(EXPERIMENTS), f"{where} args")
     for experiment, values in args.items():
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise SwLensError(f"{where}: args.{experiment} must be a list of strings")
+        for value in _strings(values, f"{where}: args.{experiment}"):
+            _one_line(value, f"{where}: args.{experiment}")
     return args
 
 
@@ -193,26 +272,32 @@ def load_sweep(path: Path | str, out: Path | str | None = None) -> Sweep:
     path = Path(path)
     data = read_toml(path, "sweep file")
     _unknown(data, {"sweep", "slurm", "defaults", "runs"}, f"sweep file '{path}'")
-    head = data.get("sweep", {})
+    head = _table(data.get("sweep", {}), f"{path} [sweep]")
     _unknown(head, {"out", "experiments"}, f"{path} [sweep]")
-    slurm = data.get("slurm", {})
-    _unknown(slurm, SLURM_KEYS, f"{path} [slurm]")
-    defaults = _checked_options(data.get("defaults", {}), f"{path} [defaults]")
-    default_args = _checked_args(data.get("defaults", {}).get("args", {}), f"{path} [defaults]")
-    experiments = head.get("experiments", ["locate"])
-    if not data.get("runs"):
+    slurm = _checked_slurm(data.get("slurm", {}), f"{path} [slurm]")
+    raw_defaults = _table(data.get("defaults", {}), f"{path} [defaults]")
+    defaults = _checked_options(raw_defaults, f"{path} [defaults]")
+    default_args = _checked_args(raw_defaults.get("args", {}), f"{path} [defaults]")
+    experiments = _strings(head.get("experiments", ["locate"]), f"{path} [sweep] experiments")
+    _unknown(experiments, set(EXPERIMENTS), f"{path} [sweep] experiments")
+    entries = data.get("runs")
+    if not entries:
         raise SwLensError(f"sweep file '{path}' has no [[runs]]")
+    if not isinstance(entries, list):
+        raise SwLensError(f"{path}: 'runs' must be an array of tables ([[runs]])")
     runs = []
-    for i, entry in enumerate(data["runs"]):
+    for i, entry in enumerate(entries):
         where = f"{path} runs[{i}]"
         options = _anchored(defaults | _checked_options(entry, where), path.parent)
-        wanted = entry.get("experiments", experiments)
+        wanted = _strings(entry.get("experiments", experiments), f"{where} experiments")
         _unknown(wanted, set(EXPERIMENTS), f"{where} experiments")
         if "model" not in options:
             raise SwLensError(f"{where}: no 'model'")
         args = default_args | _checked_args(entry.get("args", {}), where)
-        name = _slug(entry.get("name", options["model"]))
-        runs.append(Run(i, name, list(wanted), options, args))
+        name = entry.get("name", options["model"])
+        if not isinstance(name, str):
+            raise SwLensError(f"{where}: 'name' must be a string, got {name!r:.60}")
+        runs.append(Run(i, _slug(name), list(wanted), options, args))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise SwLensError(f"{path}: two runs share a name; give each a distinct 'name'")
@@ -220,9 +305,12 @@ def load_sweep(path: Path | str, out: Path | str | None = None) -> Sweep:
     if out is not None:
         folder = Path(out)
     elif "out" in head:
-        folder = path.parent / head["out"]
+        where = f"{path} [sweep] out"
+        if not isinstance(head["out"], str):
+            raise SwLensError(f"{where} must be a string (a folder), got {head['out']!r:.60}")
+        folder = path.parent / _one_line(head["out"], where)
     else:
-        folder = Path("out") / "sweeps" / path.stem
+        folder = Path("out") / "sweeps" / _slug(path.stem)
     return Sweep(path.resolve(), folder.resolve(), runs, slurm)
 
 
@@ -290,19 +378,20 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "experiments" / "slurm" / "swee
 def sbatch_lines(sweep: Sweep, indices: list[int]) -> list[str]:
     """The #SBATCH lines of the job array for `indices`, from the sweep's [slurm] table."""
     s = sweep.slurm
-    logs = sweep.out / "slurm"
+    logs = _directive_path(sweep.out / "slurm")
     array = ",".join(str(i) for i in indices)
     if s.get("max_parallel"):
         array += f"%{s['max_parallel']}"
     lines = [
-        f"--job-name={s.get('job_name', 'sw_lens-' + sweep.path.stem)}",
+        f"--job-name={s.get('job_name', 'sw_lens-' + _slug(sweep.path.stem))}",
         f"--array={array}",
         f"--output={logs}/%A_%a.out",
         f"--error={logs}/%A_%a.err",
         "--ntasks=1",
     ]
-    if "partition" in s:
-        lines.append(f"--partition={s['partition']}")
+    for key in ("partition", "account", "qos"):
+        if key in s:
+            lines.append(f"--{key}={s[key]}")
     if "time" in s:
         lines.append(f"--time={s['time']}")
     if s.get("gpus_per_task"):
@@ -318,24 +407,34 @@ def sbatch_lines(sweep: Sweep, indices: list[int]) -> list[str]:
 def render_sbatch(sweep: Sweep, indices: list[int], python: str, repo: Path) -> str:
     """The repository's sbatch template with this sweep's #SBATCH lines, setup lines and
     task command filled in."""
-    setup = sweep.slurm.get("setup", [])
-    setup = [setup] if isinstance(setup, str) else list(setup)
+    setup = sweep.slurm.get("setup", [])  # one line each, checked by load_sweep
     fill = {
         "@SBATCH@": "\n".join(sbatch_lines(sweep, indices)),
         "@SETUP@": "\n".join(setup) or "# (no setup lines in the sweep file)",
-        "@REPO@": _quote(str(repo)),
-        "@PYTHON@": _quote(python),
-        "@SWEEP@": _quote(str(sweep.path)),
-        "@OUT@": _quote(str(sweep.out)),
+        "@REPO@": _quote(str(repo), "the sw_lens checkout's path"),
+        "@PYTHON@": _quote(python, "the Python interpreter's path"),
+        "@SWEEP@": _quote(str(sweep.path), "the sweep file's path"),
+        "@OUT@": _quote(str(sweep.out), "the sweep's output folder"),
     }
-    text = TEMPLATE.read_text()
-    for marker, value in fill.items():
-        text = text.replace(marker, value)
-    return text
+    # One pass: a marker inside a filled-in value is left as it is.
+    return re.sub("|".join(fill), lambda m: fill[m.group(0)], TEMPLATE.read_text())
 
 
-def _quote(text: str) -> str:
+def _quote(text: str, what: str) -> str:
+    """One shell word: single-quoted, and refused if it could still start a new line."""
+    _one_line(text, what)
     return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def _directive_path(path: Path) -> Path:
+    """A path for an #SBATCH line, which sbatch (not the shell) splits at blanks and in
+    which SLURM expands % patterns: refused unless plainly one word."""
+    if re.search(r"[\s\"'\\%]", str(path)) or any(ord(ch) < 32 for ch in str(path)):
+        raise SwLensError(
+            f"the sweep's output folder '{path}' has blanks, quotes, backslashes or '%', "
+            f"which #SBATCH lines cannot hold: choose another --out"
+        )
+    return path
 
 
 def submit(

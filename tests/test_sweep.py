@@ -210,3 +210,111 @@ def test_experiment_options_reach_only_their_experiment(tmp_path):
     path.write_text('[[runs]]\nmodel = "gpt2"\nargs = { controls = "--draws 3" }\n')
     with pytest.raises(SwLensError, match="args.controls must be a list of strings"):
         load_sweep(path)
+
+
+INJECTIONS = ["gpu\necho PWNED > pwned", "gpu;touch pwned", "$(touch pwned)", "`touch pwned`"]
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+@pytest.mark.parametrize("key", ["partition", "account", "qos", "time", "mem", "job_name"])
+def test_slurm_values_with_shell_syntax_are_refused(tmp_path, key, injection):
+    path = write_sweep(tmp_path, [{"model": "gpt2"}], SLURM | {key: injection})
+    with pytest.raises(SwLensError, match=rf"\[slurm\] {key} must be"):
+        load_sweep(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("max_parallel", "2\necho PWNED", "must be an integer >= 1"),
+        ("max_parallel", 0, "must be an integer >= 1"),
+        ("max_parallel", True, "must be an integer >= 1"),
+        ("cpus_per_task", "4;id", "must be an integer >= 1"),
+        ("gpus_per_task", "1\nid", "must be a GPU count"),
+        ("extra", ["--account=lab\necho PWNED"], "must hold sbatch options"),
+        ("extra", ["--comment=$(id)"], "must hold sbatch options"),
+        ("extra", "--account=lab", "must be a list of strings"),
+        ("setup", ["module load cuda\necho PWNED"], "newline or control character"),
+        ("setup", 3, "must be a list of strings"),
+        ("setup", ["ok", "\rcarriage"], "newline or control character"),
+    ],
+)
+def test_other_slurm_values_are_checked(tmp_path, key, value, message):
+    path = write_sweep(tmp_path, [{"model": "gpt2"}], SLURM | {key: value})
+    with pytest.raises(SwLensError, match=message):
+        load_sweep(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[runs]]\nmodel = "gpt2"\nprompt = "a\\necho PWNED"\n', "newline or control character"),
+        ('[[runs]]\nmodel = "gpt2"\nname = "x\\ny"\n', None),  # names are slugs: safe
+        ('[sweep]\nout = "o\\nut"\n[[runs]]\nmodel = "gpt2"\n', "newline or control character"),
+        ('[[runs]]\nmodel = "gpt2"\nargs = { controls = ["--draws\\n3"] }\n', "newline"),
+    ],
+)
+def test_run_values_cannot_start_a_script_line(tmp_path, text, message):
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    if message is None:
+        (run,) = load_sweep(path).runs
+        assert run.name == "x-y"
+        return
+    with pytest.raises(SwLensError, match=message):
+        load_sweep(path)
+
+
+def test_paths_in_the_script_are_one_quoted_word_and_nothing_runs(tmp_path):
+    """A sweep file and output folder named with shell syntax: the script is valid bash,
+    and running it runs the task command with the names as plain words, nothing else."""
+    folder = tmp_path / "a$(touch pwned1);'b`touch pwned2`"
+    folder.mkdir()
+    path = folder / "s;touch pwned3;.toml"
+    path.write_text('[[runs]]\nmodel = "gpt2"\n')
+    sweep = load_sweep(path, out=tmp_path / "out$(touch${IFS}pwned4)")  # no blank or quote
+    script = tmp_path / "job.sh"
+    script.write_text(render_sbatch(sweep, [0], "echo", folder))
+    done = subprocess.run(
+        ["bash", str(script)],
+        cwd=tmp_path,
+        env={"SLURM_ARRAY_TASK_ID": "0", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"experiments/sweep.py task {path} 0 --out {sweep.out}"
+    assert not list(tmp_path.rglob("pwned*"))
+    assert "#SBATCH --job-name=sw_lens-s-touch-pwned3\n" in script.read_text()
+
+
+@pytest.mark.parametrize("out", ["with space", "per%cent", "new\nline"])
+def test_an_output_folder_that_sbatch_lines_cannot_hold_is_refused(tmp_path, out):
+    path = write_sweep(tmp_path, [{"model": "gpt2"}], SLURM)
+    sweep = load_sweep(path, out=tmp_path / out)
+    with pytest.raises(SwLensError, match="choose another --out"):
+        render_sbatch(sweep, [0], "python", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[sweep]\nexperiments = 5\n[[runs]]\nmodel = 'gpt2'\n", "must be a list of strings"),
+        ("runs = 3\n", "'runs' must be an array of tables"),
+        ("runs = [1, 2]\n", r"runs\[0\] must be a table"),
+        ("defaults = 3\n[[runs]]\nmodel = 'gpt2'\n", r"\[defaults\] must be a table"),
+        ("sweep = 'x'\n[[runs]]\nmodel = 'gpt2'\n", r"\[sweep\] must be a table"),
+        ("slurm = []\n[[runs]]\nmodel = 'gpt2'\n", r"\[slurm\] must be a table"),
+        ("[sweep]\nout = 3\n[[runs]]\nmodel = 'gpt2'\n", "out must be a string"),
+        ("[[runs]]\nmodel = 'gpt2'\nname = 7\n", "'name' must be a string"),
+        ("[[runs]]\nmodel = 'gpt2'\nexperiments = 'locate'\n", "must be a list of strings"),
+        ("[[runs]]\nmodel = 'gpt2'\nthreshold = nan\n", "'threshold' must be a finite number"),
+        ("[[runs]]\nmodel = 'gpt2'\nmin_ratio = inf\n", "'min_ratio' must be a finite number"),
+        ("[[runs]]\nmodel = 3\n", "'model' must be str"),
+    ],
+)
+def test_wrong_types_in_a_sweep_file_are_one_line(tmp_path, text, message):
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    with pytest.raises(SwLensError, match=message):
+        load_sweep(path)
