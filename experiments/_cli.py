@@ -1,33 +1,48 @@
-"""What every command shares: quiet logging, errors as one line with exit code 2, and the
-options that mean the same in every command."""
+"""What every command shares: quiet logging, errors as one line with exit code 2, Ctrl-C
+as exit 130 with a true message, results written all or nothing, and the options that
+mean the same in every command."""
 
-import argparse
-import logging
 import os
 import signal
 import sys
-import threading
-import warnings
-from collections.abc import Callable
-from pathlib import Path
 
-import huggingface_hub
-import transformers
 
-from sw_lens.corpora import DEFAULT_CORPUS, NAMED
-from sw_lens.errors import SwLensError
-from sw_lens.locate import Criterion
-from sw_lens.models import DEFAULT_MODEL, DTYPES, EMBEDDED
-from sw_lens.patching import WeightCoord
-from sw_lens.pipeline import PAPER_PROMPT, LocateConfig, Setup, load, super_weights
-from sw_lens.results import write_json
+def _interrupted_at_startup(signum, frame) -> None:
+    """Ctrl-C while the heavy imports below load (seconds): nothing exists yet."""
+    print("interrupted: no results were written", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted_at_startup)
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import threading  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import huggingface_hub  # noqa: E402
+import transformers  # noqa: E402
+
+from sw_lens.corpora import DEFAULT_CORPUS, NAMED  # noqa: E402
+from sw_lens.errors import SwLensError  # noqa: E402
+from sw_lens.locate import Criterion  # noqa: E402
+from sw_lens.models import DEFAULT_MODEL, DTYPES, EMBEDDED  # noqa: E402
+from sw_lens.patching import WeightCoord  # noqa: E402
+from sw_lens.pipeline import PAPER_PROMPT, LocateConfig, Setup, load, super_weights  # noqa: E402
+from sw_lens.results import check_writable, staged_folder, write_json  # noqa: E402
 
 _interrupted = threading.Event()
+_moving = threading.Event()  # results are being moved into place: Ctrl-C waits
+_published: list[Path] = []  # output folders whose results are complete on disk
 
 
 def _on_sigint(signum, frame) -> None:
     _interrupted.set()
-    raise KeyboardInterrupt
+    if not _moving.is_set():
+        raise KeyboardInterrupt
 
 
 def check_interrupted() -> None:
@@ -59,14 +74,55 @@ def run(main: Callable[[], None]) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: no results were written", file=sys.stderr)
+        if _published:
+            where = ", ".join(str(p) for p in _published)
+            print(f"interrupted: results were already complete in {where}", file=sys.stderr)
+        else:
+            print("interrupted: no results were written", file=sys.stderr)
         sys.exit(130)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the house's error format: a usage mistake is one line and exit 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _int(text: str, minimum: int, maximum: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        wanted = {0: "a non-negative integer", 1: "a positive integer"}[minimum]
+        upper = f" <= {maximum}" if maximum is not None else ""
+        raise argparse.ArgumentTypeError(f"must be {wanted}{upper}, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return _int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int(text, 0)
+
+
+def seed(text: str) -> int:
+    """A seed every generator takes (numpy's limit is the smallest)."""
+    return _int(text, 0, 2**32 - 1)
+
+
+def finite_float(text: str) -> float:
+    """A number that is not NaN or infinite: refused here, not after minutes of work."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
 
@@ -112,17 +168,20 @@ def add_rule_args(p: argparse.ArgumentParser) -> None:
         "--iterations", type=positive_int, default=5, help="maximum scans (ablate, rescan)"
     )
     p.add_argument(
-        "--threshold", type=float, default=Criterion.min_abs, help="min |activation| of a spike"
+        "--threshold",
+        type=finite_float,
+        default=Criterion.min_abs,
+        help="min |activation| of a spike",
     )
     p.add_argument(
         "--min-ratio",
-        type=float,
+        type=finite_float,
         default=Criterion.min_ratio,
         help="min spike / median over layers of the same hook's spike",
     )
     p.add_argument(
         "--min-ppl-ratio",
-        type=float,
+        type=finite_float,
         default=Criterion.min_ppl_ratio,
         help="perplexity ratio (zeroed alone / baseline) to call a weight super",
     )
@@ -159,7 +218,7 @@ def add_job_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     add_rule_args(p)
     p.add_argument("--out", type=Path, help="output directory (default: out/<model>)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="0 to 2**32 - 1")
 
 
 def add_weight_arg(p: argparse.ArgumentParser, help: str) -> None:
@@ -176,9 +235,7 @@ def add_weight_arg(p: argparse.ArgumentParser, help: str) -> None:
 def experiment_parser(description: str, max_tokens: int) -> argparse.ArgumentParser:
     """The parser of an experiment on super weights: the job's options, and which super
     weights (default: found now by the locate rule)."""
-    p = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_job_args(p, max_tokens)
     add_weight_arg(p, "the super weight")
     p.add_argument(
@@ -190,6 +247,7 @@ def experiment_parser(description: str, max_tokens: int) -> argparse.ArgumentPar
 def experiment_setup(args: argparse.Namespace) -> tuple[LocateConfig, Setup, list, str]:
     """Load what `args` name and choose the super weights: (config, setup, weights, how
     they were chosen)."""
+    output_dir(args)  # an unwritable --out fails before the work, not after it
     config = locate_config(args)
     setup = load(config)
     return (config, setup, *super_weights(setup, config, args.results))
@@ -218,27 +276,43 @@ def locate_config(args: argparse.Namespace) -> LocateConfig:
 
 
 def output_dir(args: argparse.Namespace) -> Path:
-    return args.out or Path("out") / Path(args.model).name
+    """The output folder, checked to be writable: commands call this before their work."""
+    return check_writable(args.out or Path("out") / Path(args.model).name)
 
 
 def float_list(text: str) -> list[float]:
-    """Comma-separated numbers, e.g. ``0.5,2``."""
+    """Comma-separated finite numbers, e.g. ``0.5,2``."""
+    return [finite_float(v) for v in text.split(",") if v.strip()]
+
+
+def publish(out: Path, write: Callable[[Path], list[Path]]) -> list[Path]:
+    """Run `write(folder)`, which writes every file of a result into `folder`; the files
+    reach `out` together or not at all (`staged_folder`). A Ctrl-C before the move
+    leaves `out` as it was; one during the move (milliseconds) waits for it to finish,
+    and then says that the results were written."""
+    check_interrupted()
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+        with staged_folder(out) as staging:
+            names = [path.name for path in write(staging)]
+            check_interrupted()
+            _moving.set()
+        _published.append(out)
+    finally:
+        _moving.clear()
+    check_interrupted()
+    return [out / name for name in names]
 
 
 def save_results(args: argparse.Namespace, stem: str, document: dict, draw) -> None:
-    """Write ``<stem>.json`` and the figure `draw` makes from it into the output folder,
-    unless Ctrl-C came; say where they went."""
-    check_interrupted()
+    """Write ``<stem>.json`` and the figures `draw` makes from it into the output folder,
+    all or nothing; say where they went."""
     out = output_dir(args)
-    path = write_json(out / f"{stem}.json", document)
-    figures = draw(document, out)
-    print(f"\nwrote {path} and {len(figures)} figure files in {out}")
+
+    def write(folder: Path) -> list[Path]:
+        return [write_json(folder / f"{stem}.json", document), *draw(document, folder)]
+
+    paths = publish(out, write)
+    print(f"\nwrote {paths[0]} and {len(paths) - 1} figure files in {out}")
 
 
 def print_header(document: dict, baseline: dict | None = None) -> None:

@@ -11,6 +11,7 @@ from _cli import (
     experiment_parser,
     experiment_setup,
     float_list,
+    non_negative_int,
     positive_int,
     print_header,
     run,
@@ -24,8 +25,10 @@ from sw_lens.pipeline import experiment_document
 
 def main() -> None:
     p = experiment_parser(__doc__, max_tokens=4096)
-    p.add_argument("--n-largest", type=int, default=7000, help="N of control (b)")
-    p.add_argument("--draws", type=int, default=10, help="R random draws of control (d)")
+    p.add_argument("--n-largest", type=non_negative_int, default=7000, help="N of control (b)")
+    p.add_argument(
+        "--draws", type=non_negative_int, default=10, help="R random draws of control (d)"
+    )
     p.add_argument(
         "--pool",
         type=positive_int,

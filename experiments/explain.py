@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from _cli import (
+    Parser,
     add_loading_args,
     add_rule_args,
     check_interrupted,
@@ -26,9 +27,7 @@ from sw_lens.results import SCHEMA_VERSION, provenance
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--prompt", default=PAPER_PROMPT)
     add_loading_args(p)

@@ -5,13 +5,12 @@ controls, restore, stopwords, scaling or quantize.
 Figures (PDF + PNG at 300 dpi) are written next to the results file unless --out is given.
 """
 
-import argparse
 from pathlib import Path
 
-from _cli import run
+from _cli import Parser, publish, run
 
 from sw_lens import figures
-from sw_lens.results import read_json
+from sw_lens.results import check_writable, read_json
 
 DRAW = {
     "explain": figures.decomposition_figure,
@@ -25,17 +24,17 @@ DRAW = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = Parser(description=__doc__)
     p.add_argument("results", type=Path, help="a results JSON file written by experiments/")
     p.add_argument("--out", type=Path, help="output directory (default: the results' folder)")
     p.add_argument("--linear", action="store_true", help="linear y axis for the per-layer plots")
     args = p.parse_args()
+    out = check_writable(args.out or args.results.parent)
     document = read_json(args.results, kind={"locate", *DRAW})
-    out = args.out or args.results.parent
     if document["kind"] == "locate":
-        paths = figures.render_all(document, out, log_scale=not args.linear)
+        paths = publish(out, lambda folder: figures.render_all(document, folder, not args.linear))
     else:
-        paths = DRAW[document["kind"]](document, out)
+        paths = publish(out, lambda folder: DRAW[document["kind"]](document, folder))
     for path in paths:
         print(path)
 

@@ -7,17 +7,23 @@ offline, on CPU in about a minute. Writes results.json and every figure into --o
 import argparse
 from dataclasses import replace
 
-from _cli import add_job_args, add_weight_arg, check_interrupted, locate_config, output_dir, run
+from _cli import (
+    Parser,
+    add_job_args,
+    add_weight_arg,
+    check_interrupted,
+    locate_config,
+    output_dir,
+    run,
+    save_results,
+)
 
 from sw_lens.figures import render_all
 from sw_lens.pipeline import run_locate
-from sw_lens.results import write_json
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_job_args(p, max_tokens=4096)
     add_weight_arg(p, "also zero this weight (e.g. a published super weight)")
     p.add_argument(
@@ -95,14 +101,12 @@ def print_report(doc: dict) -> None:
 
 def main() -> None:
     args = parse_args()
+    output_dir(args)  # an unwritable --out fails now, not after the work
     config = replace(locate_config(args), check_known=args.check_known, registry=args.registry)
     doc = run_locate(config)
     check_interrupted()
     print_report(doc)
-    out = output_dir(args)
-    path = write_json(out / "results.json", doc)
-    figures = render_all(doc, out)
-    print(f"\nwrote {path} and {len(figures)} figure files in {out}")
+    save_results(args, "results", doc, render_all)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import argparse
 from _cli import (
     experiment_parser,
     experiment_setup,
+    finite_float,
+    positive_int,
     print_header,
     run,
     save_results,
@@ -28,15 +30,15 @@ def block_size(text: str) -> int | None:
     if text == "tensor":
         return None
     try:
-        return int(text)
-    except ValueError:
-        message = f"a block size is an integer or 'tensor', got {text!r}"
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        message = f"a block size is a positive integer or 'tensor', got {text!r}"
         raise argparse.ArgumentTypeError(message) from None
 
 
 def main() -> None:
     p = experiment_parser(__doc__, max_tokens=2048)
-    p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3])
+    p.add_argument("--bits", type=positive_int, nargs="+", default=[8, 4, 3])
     p.add_argument(
         "--blocks",
         type=block_size,
@@ -47,7 +49,7 @@ def main() -> None:
     p.add_argument("--clip", choices=CLIPS, default="zscore", help="outlier clipping")
     p.add_argument(
         "--clip-value",
-        type=float,
+        type=finite_float,
         default=6.0,
         help="z-score (zscore) or percentile of |w| (percentile) to clip at",
     )

@@ -7,6 +7,7 @@ activation measured on the scanned prompts. Writes restore.json and a figure.
 from _cli import (
     experiment_parser,
     experiment_setup,
+    finite_float,
     print_header,
     run,
     save_results,
@@ -21,7 +22,7 @@ def main() -> None:
     p = experiment_parser(__doc__, max_tokens=4096)
     p.add_argument(
         "--fraction",
-        type=float,
+        type=finite_float,
         default=0.1,
         help="restore where |unablated output| >= this x the super activation",
     )

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from _cli import (
+    Parser,
     add_loading_args,
     add_rule_args,
     add_weight_arg,
@@ -29,9 +30,7 @@ from sw_lens.robustness import robustness
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument(
         "--text", default=DEFAULT_CORPUS, help=f"sentences from: a file or {', '.join(NAMED)}"

@@ -9,6 +9,7 @@ from _cli import (
     experiment_parser,
     experiment_setup,
     float_list,
+    non_negative_int,
     print_header,
     run,
     save_results,
@@ -29,7 +30,7 @@ def main() -> None:
     p.add_argument("--factors", type=float_list, default=FACTORS, help="comma-separated")
     p.add_argument(
         "--task-prompts",
-        type=int,
+        type=non_negative_int,
         default=100,
         help="sentences of --text for next-word accuracy (0: no accuracy)",
     )

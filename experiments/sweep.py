@@ -13,11 +13,11 @@ described in sw_lens/sweep.py; experiments/slurm/sweep.sbatch is the task script
 import argparse
 from pathlib import Path
 
-from _cli import check_interrupted, run
+from _cli import Parser, check_interrupted, publish, run
 
 from sw_lens.errors import SwLensError
 from sw_lens.figures import sweep_figure
-from sw_lens.results import write_atomic, write_json
+from sw_lens.results import check_writable, write_atomic, write_json
 from sw_lens.sweep import (
     collect,
     finished,
@@ -33,9 +33,7 @@ from sw_lens.sweep import (
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
     for name in ("plan", "local", "slurm", "task"):
         sub = commands.add_parser(name)
@@ -81,11 +79,16 @@ def main() -> None:
     args = parse_args()
     if args.command == "report":
         rows, _ = collect(args.out)
-        check_interrupted()
-        write_atomic(args.out / "report.csv", lambda tmp: tmp.write_text(table_csv(rows)))
         markdown = table_markdown(rows)
-        write_atomic(args.out / "report.md", lambda tmp: tmp.write_text(markdown))
-        figures = sweep_figure(rows, args.out)
+
+        def write(folder: Path) -> list[Path]:
+            return [
+                write_atomic(folder / "report.csv", lambda tmp: tmp.write_text(table_csv(rows))),
+                write_atomic(folder / "report.md", lambda tmp: tmp.write_text(markdown)),
+                *sweep_figure(rows, folder),
+            ]
+
+        figures = publish(check_writable(args.out), write)[2:]
         print(markdown)
         for r in rows:
             if r["status"] != "ok":
@@ -93,6 +96,8 @@ def main() -> None:
         print(f"wrote {args.out / 'report.csv'}, report.md and {len(figures)} figure files")
         return
     sweep = load_sweep(args.sweep, args.out)
+    if args.command in ("local", "slurm"):
+        check_writable(sweep.out)
     python, repo = python_and_repo()
     if args.command == "plan":
         plan(sweep)

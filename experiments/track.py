@@ -10,25 +10,24 @@ import io
 from pathlib import Path
 
 from _cli import (
+    Parser,
     add_corpus_args,
     add_loading_args,
     add_rule_args,
-    check_interrupted,
     criterion,
+    publish,
     run,
 )
 
 from sw_lens.figures import track_figure
 from sw_lens.perplexity import Protocol
 from sw_lens.pipeline import PAPER_PROMPT
-from sw_lens.results import write_atomic, write_json
+from sw_lens.results import check_writable, write_atomic, write_json
 from sw_lens.track import CSV_COLUMNS, checkpoint_paths, csv_rows, track
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="checkpoint files, or folders of *.pt files")
     p.add_argument("--prompt", default=PAPER_PROMPT, help="text scanned in every checkpoint")
     add_loading_args(p)
@@ -37,6 +36,7 @@ def main() -> None:
     add_corpus_args(p, max_tokens=2048)
     p.add_argument("--out", type=Path, default=Path("out/track"), help="output directory")
     args = p.parse_args()
+    check_writable(args.out)
     paths = checkpoint_paths(args.checkpoints)
     ppl = None
     if args.ppl:
@@ -52,14 +52,16 @@ def main() -> None:
         args.tokenizer,
         ppl,
     )
-    check_interrupted()
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(csv_rows(document))
-    write_json(args.out / "track.json", document)
-    write_atomic(args.out / "track.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
-    figures = track_figure(document, args.out)
+
+    def write(folder: Path) -> list[Path]:
+        table = write_atomic(folder / "track.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+        return [write_json(folder / "track.json", document), table, *track_figure(document, folder)]
+
+    figures = publish(args.out, write)[2:]
     print(f"{'iter_num':>9}  {'largest spike':<32} super weights")
     for row in csv_rows(document):
         spike = f"layer {row['spike_layer']} |out| {row['spike_magnitude']:.1f} ({row['token']!r})"

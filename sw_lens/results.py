@@ -2,16 +2,19 @@
 
 Every document carries `SCHEMA_VERSION`, the package versions and git commit that
 produced it, and is written to a temporary file in the target directory and renamed, so
-an interrupted run leaves the previous file or none, never half of one.
+an interrupted run leaves the previous file or none, never half of one. A run's files
+(its document and every figure) are written together: into a staging folder first, and
+moved into place only once all of them exist (`staged_folder`).
 """
 
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from datetime import UTC, datetime
@@ -105,6 +108,54 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     with atomic_path(path) as tmp:
         write(tmp)
     return path
+
+
+def check_writable(folder: Path) -> Path:
+    """Fail now, before minutes of work, if results could not be written into `folder`
+    (an existing file in the way, a read-only or missing parent). Probes by creating and
+    removing a temporary folder, as permission bits say nothing to root; creates nothing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SwLensError(f"output folder '{folder}' is an existing file")
+    existing = next(p for p in [folder.absolute(), *folder.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise SwLensError(f"cannot create output folder '{folder}': '{existing}' is a file")
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".sw_lens-probe-").cleanup()
+    except OSError as err:
+        raise SwLensError(
+            f"cannot write into '{existing}' for '{folder}': {_reason(err)}"
+        ) from None
+    return folder
+
+
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A fresh folder inside `out` to write a run's files into. When the block ends
+    without an error every file is moved into `out` (renames: instant, nothing copied);
+    otherwise the staging folder is deleted, and `out` is as it was (not even created).
+    A full disk or a read-only folder is a one-line error."""
+    out = Path(out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    except OSError as err:
+        raise SwLensError(f"cannot write results into '{out}': {_reason(err)}") from None
+    try:
+        yield staging
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out / path.name)
+    except OSError as err:
+        raise SwLensError(f"cannot write results into '{out}': {_reason(err)}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
 
 
 def write_json(path: Path, document: dict) -> Path:
