@@ -22,7 +22,7 @@ from sw_lens.decompose import decompose
 from sw_lens.figures import decomposition_figure
 from sw_lens.locate import locate
 from sw_lens.models import DEFAULT_MODEL, load_model
-from sw_lens.pipeline import PAPER_PROMPT, prompt_tokens
+from sw_lens.pipeline import PAPER_PROMPT, model_dict, prompt_tokens
 from sw_lens.results import SCHEMA_VERSION, provenance
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     document = {
         "schema_version": SCHEMA_VERSION,
         "kind": "explain",
-        "model": loaded.name,
+        "model": model_dict(loaded),
         "prompt": args.prompt,
         "decompositions": [asdict(d) for d in decompositions],
         "provenance": provenance(loaded.device, loaded.dtype, 0),

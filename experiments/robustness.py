@@ -24,7 +24,7 @@ from _cli import (
 from sw_lens.corpora import DEFAULT_CORPUS, NAMED, load_corpus, sentences
 from sw_lens.figures import robustness_figure
 from sw_lens.models import DEFAULT_MODEL, load_model
-from sw_lens.pipeline import PAPER_PROMPT, prompt_tokens, resolve_bos
+from sw_lens.pipeline import PAPER_PROMPT, model_dict, prompt_tokens, resolve_bos
 from sw_lens.results import SCHEMA_VERSION, provenance
 from sw_lens.robustness import robustness
 
@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
 
 def print_report(document: dict) -> None:
     print(
-        f"\n{document['model']}: {document['n_texts']} texts scanned one by one "
+        f"\n{document['model']['name']}: {document['n_texts']} texts scanned one by one "
         f"({'BOS prepended' if document['prepend_bos'] else 'no BOS'})"
     )
     print(
@@ -82,7 +82,7 @@ def main() -> None:
     document = {
         "schema_version": SCHEMA_VERSION,
         "kind": "robustness",
-        "model": loaded.name,
+        "model": model_dict(loaded),
         "texts": texts,
         "n_texts": len(texts),
         "prepend_bos": prepend_bos,

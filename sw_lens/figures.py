@@ -21,7 +21,6 @@ from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from sw_lens import pages  # noqa: E402
-from sw_lens.errors import SwLensError  # noqa: E402
 from sw_lens.results import write_atomic  # noqa: E402
 
 COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
@@ -43,36 +42,6 @@ STYLE = {
     "text.parse_math": False,
 }
 BLUE, RED, GREY = "#1f77b4", "#d62728", "#7f7f7f"
-
-REQUIRED = [
-    "model.name",
-    "scan.layers",
-    "scan.prompts",
-    "scan.prepend_bos",
-    "candidates",
-    "super_weights",
-    "perplexity.baseline",
-    "perplexity.ablations",
-    "layer_activations",
-    "weight_distributions",
-    "token_loss",
-    "predictions",
-]
-
-
-def field(document: dict, path: str):
-    """`document["a"]["b"]` for ``path="a.b"``, or a one-line error naming the field."""
-    value = document
-    for key in path.split("."):
-        if not isinstance(value, dict) or key not in value:
-            raise SwLensError(f"results file lacks the field '{path}'")
-        value = value[key]
-    return value
-
-
-def check_fields(document: dict) -> None:
-    for path in REQUIRED:
-        field(document, path)
 
 
 def caption(document: dict) -> str:
@@ -288,7 +257,6 @@ FIGURES: list[Callable[[dict, Path], list[Path]]] = [
 
 def render_all(document: dict, out_dir: Path, log_scale: bool = True) -> list[Path]:
     """Every figure and the token-loss page of a locate results document."""
-    check_fields(document)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     with plt.rc_context(STYLE):
         paths = layer_maxima(document, out_dir, log_scale)
@@ -363,7 +331,7 @@ def decomposition_figure(document: dict, out_dir: Path) -> list[Path]:
         ax.set_xlabel("k largest products hook_post[pos, col] * W_out[col, row]")
         ax.set_ylabel("share of hook_mlp_out[pos, row]")
         ax.legend(frameon=False)
-        text = f"{document['model']}, prompt {document['prompt']!r}"
+        text = f"{document['model']['name']}, prompt {document['prompt']!r}"
         return _save(fig, out_dir, "decomposition", text, "spike decomposition")
 
 
@@ -402,7 +370,7 @@ def robustness_figure(document: dict, out_dir: Path, max_weights: int = 8) -> li
         ]
         ax.legend(handles=handles, frameon=False, fontsize=5, loc="best")
         bos = "BOS prepended" if document["prepend_bos"] else "no BOS"
-        text = f"{document['model']}, {document['n_texts']} texts ({bos})"
+        text = f"{document['model']['name']}, {document['n_texts']} texts ({bos})"
         return _save(fig, out_dir, "robustness", text, "super weights across texts")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from sw_lens.documents import KINDS, validate
 from sw_lens.errors import SwLensError
 
 SCHEMA_VERSION = 1
@@ -164,14 +165,16 @@ def write_json(path: Path, document: dict) -> Path:
 
 
 def read_json(path: Path, kind: str | set[str]) -> dict:
-    """A results document of this schema version and `kind` (or one of several kinds), or
-    a one-line error."""
+    """A results document of this schema version and `kind` (or one of several kinds),
+    checked against its schema (`sw_lens.documents`), or a one-line error."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SwLensError(f"results file '{path}' does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise SwLensError(f"results file '{path}' is not valid JSON: {err}") from None
+    except (IsADirectoryError, PermissionError) as err:
+        raise SwLensError(f"cannot read results file '{path}': {err.strerror}") from None
     found = document.get("schema_version") if isinstance(document, dict) else None
     if found != SCHEMA_VERSION:
         raise SwLensError(
@@ -182,6 +185,7 @@ def read_json(path: Path, kind: str | set[str]) -> dict:
     if document.get("kind") not in kinds:
         wanted = " or ".join(repr(k) for k in sorted(kinds))
         raise SwLensError(f"results file '{path}' holds {document.get('kind')!r}, not {wanted}")
+    validate(document, KINDS[document["kind"]], f"results file '{path}'")
     return document
 
 

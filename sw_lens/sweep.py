@@ -46,8 +46,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sw_lens.documents import RunStatus, SweepPlan, validate
 from sw_lens.errors import SwLensError
-from sw_lens.results import read_toml, write_atomic, write_json
+from sw_lens.results import read_json, read_toml, write_atomic, write_json
 
 EXPERIMENTS = ("locate", "controls", "restore", "stopwords", "scaling", "quantize")
 # Run options: each becomes --option-name value of every experiment command.
@@ -315,10 +316,17 @@ def load_sweep(path: Path | str, out: Path | str | None = None) -> Sweep:
 
 
 def read_status(sweep: Sweep, run: Run) -> dict | None:
+    """A run's status record, None when it has none yet; a record that is not one (edited,
+    truncated) is a one-line error naming the file."""
+    path = run.folder(sweep.out) / STATUS
     try:
-        return json.loads((run.folder(sweep.out) / STATUS).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise SwLensError(f"run record '{path}' is unreadable: {err}") from None
+    validate(record, RunStatus, f"run record '{path}'")
+    return record
 
 
 def finished(sweep: Sweep, run: Run) -> bool:
@@ -486,33 +494,40 @@ COLUMNS = [
 
 def collect(out: Path) -> tuple[list[dict], dict]:
     """One row per super weight of every finished run (one row for a run with none), and
-    one row per failed or missing run; with the sweep's plan."""
+    one row per failed, missing or unreadable run; with the sweep's plan."""
     plan_path = Path(out) / "sweep.json"
     try:
-        plan = json.loads(plan_path.read_text())
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SwLensError(f"'{out}' is not a sweep folder: no sweep.json") from None
-    sweep = Sweep(Path(plan["sweep_file"]), Path(plan["out"]), [Run(**r) for r in plan["runs"]])
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise SwLensError(f"sweep plan '{plan_path}' is unreadable: {err}") from None
+    validate(plan, SweepPlan, f"sweep plan '{plan_path}'")
+    # The plan's own folder is where its runs are: the report reads `out`, wherever the
+    # plan says it was written.
+    sweep = Sweep(Path(plan["sweep_file"]), Path(out), [Run(**r) for r in plan["runs"]])
     rows = []
     for run in sweep.runs:
         base = {"run": run.name, "model": run.options["model"]}
-        status = read_status(sweep, run)
-        if status is None:
-            rows.append(base | {"status": "missing"})
-            continue
-        if status["status"] != "ok":
-            failed = next(s for s in status["steps"] if s["returncode"])
-            error = f"{failed['experiment']}: {failed.get('error', '')}"
-            rows.append(base | {"status": "failed", "error": error})
-            continue
-        rows += _locate_rows(run.folder(sweep.out) / "results.json", base)
+        try:
+            status = read_status(sweep, run)
+            if status is None:
+                rows.append(base | {"status": "missing"})
+            elif status["status"] != "ok":
+                failed = next(s for s in status["steps"] if s["returncode"])
+                error = f"{failed['experiment']}: {failed.get('error') or ''}"
+                rows.append(base | {"status": "failed", "error": error})
+            else:
+                rows += _locate_rows(run.folder(sweep.out) / "results.json", base)
+        except SwLensError as err:
+            rows.append(base | {"status": "invalid", "error": str(err)})
     return rows, plan
 
 
 def _locate_rows(path: Path, base: dict) -> list[dict]:
     if not path.is_file():
         return [base | {"status": "ok"}]
-    doc = json.loads(path.read_text())
+    doc = read_json(path, kind="locate")
     ppl = doc["perplexity"]
     baseline = ppl["baseline"]
     ablated = {

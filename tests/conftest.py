@@ -34,7 +34,10 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
+from sw_lens.locate import Criterion  # noqa: E402
 from sw_lens.models import load_model  # noqa: E402
+from sw_lens.pipeline import LocateConfig, run_locate  # noqa: E402
+from sw_lens.results import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
@@ -236,3 +239,26 @@ def toy(tmp_path_factory) -> Path:
     path = save(model.eval(), tmp_path_factory.mktemp("toy") / "toy")
     (path / "corpus.txt").write_text(toy_text(400, seed=1))
     return path
+
+
+LOCATE_CORPUS = "A short corpus where the trigger A appears, A again, and more words. " * 8
+
+
+@pytest.fixture(scope="session")
+def results_file(tmp_path_factory):
+    """A locate results file from a tiny Llama-shaped model with a planted super weight."""
+    tmp = tmp_path_factory.mktemp("run")
+    (tmp / "corpus.txt").write_text(LOCATE_CORPUS)
+    config = LocateConfig(
+        model=str(save(build("llama", [ONE]), tmp / "model")),
+        text=str(tmp / "corpus.txt"),
+        prompts=["xyz A qrs"],
+        device="cpu",
+        window=64,
+        max_tokens=256,
+        rank_tokens=128,
+        prediction_prompt="xyz A",
+        html_tokens=40,
+    )
+    config.criterion = Criterion(min_ppl_ratio=0.0)  # the planted weight counts as super
+    return write_json(tmp / "results.json", run_locate(config))

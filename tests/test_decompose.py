@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM
 
 from sw_lens.decompose import decompose
 from sw_lens.models import load_model
+from sw_lens.results import read_json
 
 IDS = torch.tensor(byte_tokenizer()(PROMPT, add_special_tokens=False)["input_ids"])
 
@@ -66,7 +67,6 @@ def test_a_spike_from_the_bias_is_bias(tmp_path):
 
 
 def test_explain_prints_the_verdict_and_writes_results(tiny_dir, tmp_path):
-    import json
 
     done = run_experiment(
         "explain.py",
@@ -81,6 +81,6 @@ def test_explain_prints_the_verdict_and_writes_results(tiny_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert f"layer {ONE.layer} hook_mlp_out" in done.stdout and "Verdict: one weight" in done.stdout
-    (d,) = json.loads((tmp_path / "explain.json").read_text())["decompositions"]
+    (d,) = read_json(tmp_path / "explain.json", "explain")["decompositions"]  # schema-valid
     assert (d["layer"], d["row"], d["top"][0][0]) == (ONE.layer, ONE.row, ONE.col)
     assert (tmp_path / "decomposition.png").is_file()

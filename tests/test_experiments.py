@@ -5,6 +5,8 @@ import json
 import pytest
 from conftest import ONE, TOY, build, run_experiment, save
 
+from sw_lens.results import read_json
+
 SMALL = ["--window", "32", "--max-tokens", "512", "--batch-size", "8", "--device", "cpu"]
 TOY_WEIGHT = f"{TOY.layer},{TOY.row},{TOY.col}"
 FIGURE_STEMS = {
@@ -36,6 +38,7 @@ def test_each_experiment_writes_its_results_and_figure(toy, tmp_path, script):
     stem = FIGURE_STEMS[script]
     doc = json.loads((out / f"{stem}.json").read_text())
     assert doc["schema_version"] == 1 and doc["kind"] == stem
+    assert read_json(out / f"{stem}.json", stem) == doc  # valid against its schema
     (sw,) = doc["super_weights"]
     assert (sw["layer"], sw["row"], sw["col"], sw["value"]) == (1, 5, 17, TOY.value)
     assert doc["super_weight_source"] == "given (--weight)"

@@ -6,14 +6,12 @@ import re
 
 import numpy as np
 import pytest
-from conftest import ONE, build, run_experiment, save
+from conftest import run_experiment
 from matplotlib.image import imread
 
 import sw_lens.models
 from sw_lens.figures import COLUMN_WIDTH, DPI, render_all
-from sw_lens.locate import Criterion
-from sw_lens.pipeline import LocateConfig, run_locate
-from sw_lens.results import read_json, write_json
+from sw_lens.results import read_json
 
 STEMS = [
     "down_proj_input_max",
@@ -22,27 +20,6 @@ STEMS = [
     "perplexity",
     "weight_outlier",
 ]
-CORPUS = "A short corpus where the trigger A appears, A again, and more words. " * 8
-
-
-@pytest.fixture(scope="module")
-def results_file(tmp_path_factory):
-    """A locate results file from a tiny Llama-shaped model with a planted super weight."""
-    tmp = tmp_path_factory.mktemp("run")
-    (tmp / "corpus.txt").write_text(CORPUS)
-    config = LocateConfig(
-        model=str(save(build("llama", [ONE]), tmp / "model")),
-        text=str(tmp / "corpus.txt"),
-        prompts=["xyz A qrs"],
-        device="cpu",
-        window=64,
-        max_tokens=256,
-        rank_tokens=128,
-        prediction_prompt="xyz A",
-        html_tokens=40,
-    )
-    config.criterion = Criterion(min_ppl_ratio=0.0)  # the planted weight counts as super
-    return write_json(tmp / "results.json", run_locate(config))
 
 
 @pytest.fixture

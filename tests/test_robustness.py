@@ -1,6 +1,5 @@
 """Robustness across texts: counts, activations and token kinds against hand computation."""
 
-import json
 from statistics import median
 
 import pytest
@@ -9,6 +8,7 @@ from conftest import ONE, Plant, build, run_experiment, save
 from sw_lens.models import load_model
 from sw_lens.patching import WeightCoord
 from sw_lens.pipeline import prompt_tokens
+from sw_lens.results import read_json
 from sw_lens.robustness import robustness, token_kind
 
 DELIMITED = Plant(layer=1, row=5, col=17, dim=3, trigger=".")
@@ -103,7 +103,7 @@ def test_robustness_command(tmp_path):
         "robustness.py", "--model", model, "--text", corpus, "--device", "cpu", "--out", out
     )
     assert done.returncode == 0, done.stderr
-    doc = json.loads((out / "robustness.json").read_text())
+    doc = read_json(out / "robustness.json", "robustness")  # valid against its schema
     assert doc["kind"] == "robustness" and doc["n_texts"] == 4  # the paper's prompt + 3
     (planted,) = [w for w in doc["weights"] if (w["layer"], w["row"], w["col"]) == (1, 5, 17)]
     # Only the paper's prompt and the first sentence have a "." (the trigger).

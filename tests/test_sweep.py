@@ -1,5 +1,6 @@
 """Sweep files, running them locally, the sbatch script they render, and the report."""
 
+import csv
 import json
 import subprocess
 from pathlib import Path
@@ -318,3 +319,36 @@ def test_wrong_types_in_a_sweep_file_are_one_line(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(SwLensError, match=message):
         load_sweep(path)
+
+
+def test_the_report_names_malformed_run_records_and_a_bad_plan_is_one_line(tmp_path):
+    out = tmp_path / "sweep-out"
+    runs = [
+        {"index": i, "name": f"r{i}", "experiments": ["locate"], "options": {"model": "m"}}
+        | {"args": {}}
+        for i in range(3)
+    ]
+    plan = {"sweep_file": str(tmp_path / "s.toml"), "out": "/elsewhere", "slurm": {}, "runs": runs}
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps(plan))
+    folders = [out / "runs" / f"{i:03d}-r{i}" for i in range(3)]
+    for folder in folders[:2]:
+        folder.mkdir(parents=True)
+    (folders[0] / "status.json").write_text(json.dumps({"run": runs[0], "status": "ok"}))
+    (folders[1] / "status.json").write_text(
+        json.dumps({"run": runs[1], "status": "ok", "steps": []})
+    )
+    (folders[1] / "results.json").write_text('{"schema_version": 1, "kind": "locate"}')
+    done = run_experiment("sweep.py", "report", out)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [r["status"] for r in rows] == ["invalid", "invalid", "missing"]
+    assert "lacks the field 'steps'" in rows[0]["error"]
+    assert "results.json' lacks the field 'provenance'" in rows[1]["error"]
+
+    plan["runs"][0]["index"] = "zero"
+    (out / "sweep.json").write_text(json.dumps(plan))
+    done = run_experiment("sweep.py", "report", out)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "runs[0].index: Input should be a valid integer" in line

@@ -1,12 +1,13 @@
 """track.py over training checkpoints shows a super weight appearing and growing."""
 
 import csv
-import json
 
 import torch
 from conftest import run_experiment
 from matplotlib.image import imread
 from nanogpt_reference import CHARS, GPT, TRIGGER, model_args, plant, save_checkpoint, write_meta
+
+from sw_lens.results import read_json
 
 PLANT = dict(layer=2, row=9, col=40, dim=7)
 
@@ -47,7 +48,7 @@ def test_track_reports_the_super_weight_appearing(tmp_path):
         "256",
     )
     assert done.returncode == 0, done.stderr
-    doc = json.loads((out / "track.json").read_text())
+    doc = read_json(out / "track.json", "track")  # valid against its schema
     assert [r["iter_num"] for r in doc["checkpoints"]] == [0, 1000, 2000]
     found = [
         [(c["layer"], c["row"], c["col"], c["value"]) for c in r["candidates"]]

@@ -1,0 +1,458 @@
+"""What a results document must hold before anything reads it: one typed schema per kind.
+
+A results file is untrusted input: figures, the sweep report and the experiments'
+``--results`` read files that anyone may have edited. Each kind has a pydantic model of
+the fields its readers use, with the invariants the readers rely on (finite numbers,
+a layer index inside the model, lists of matching length, a complete quantization
+grid); `validate` turns the first violation into one line that names the field. Fields
+not listed here are kept as they are (``extra="allow"``).
+
+Strict mode: a number written as a string, a bool for an integer or NaN/inf are refused,
+as a JSON document written by sw_lens never has them.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sw_lens.errors import SwLensError
+
+Index = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=1)]
+Perplexity = Annotated[float, Field(gt=0)]
+Share = Annotated[float, Field(ge=0, le=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+# --- shared pieces -----------------------------------------------------------------------
+
+
+class ModelInfo(Strict):
+    name: str
+    architecture: str
+    n_layers: Count
+    d_model: Count
+    d_mlp: Count
+
+
+class PerplexityResult(Strict):
+    corpus: str
+    protocol_description: str
+    n_tokens: Count
+    nll: float
+    perplexity: Perplexity
+
+
+class Coord(Strict):
+    layer: Index
+    row: Index
+    col: Index
+
+
+class Weight(Coord):
+    value: float
+
+
+def _inside(model: ModelInfo, coords: list[Coord], what: str) -> None:
+    for c in coords:
+        _check(
+            c.layer < model.n_layers and c.row < model.d_model and c.col < model.d_mlp,
+            f"{what} (layer {c.layer}, row {c.row}, col {c.col}) lies outside the model "
+            f"({model.n_layers} layers, d_model {model.d_model}, d_mlp {model.d_mlp})",
+        )
+
+
+class Header(Strict):
+    schema_version: Literal[1]
+    kind: str
+    provenance: dict
+
+
+class Experiment(Header):
+    """controls, restore, stopwords, scaling, quantize: the same head (`experiment_document`)."""
+
+    model: ModelInfo
+    super_weights: list[Weight]
+    super_weight_source: str
+
+    @model_validator(mode="after")
+    def _weights_inside(self):
+        _inside(self.model, self.super_weights, "a super weight")
+        return self
+
+
+class Measured(Experiment):
+    """An experiment that measures perplexity against the unablated model."""
+
+    baseline: PerplexityResult
+
+
+# --- locate ------------------------------------------------------------------------------
+
+
+class Spike(Strict):
+    value: float
+    channel: Index
+    token: str
+
+
+class ScanLayer(Strict):
+    layer: Index
+    post: Spike
+    mlp_out: Spike
+    cancels: bool
+
+
+class Scan(Strict):
+    prompts: list[str]
+    prepend_bos: bool
+    n_tokens: Count
+    layers: list[ScanLayer]
+
+
+class Candidate(Weight):
+    output_activation: Spike
+
+
+class Ablation(Strict):
+    label: str
+    weights: list[Coord]
+    perplexity: Perplexity
+    ratio: Annotated[float, Field(gt=0)]
+
+
+class LocatePerplexity(Strict):
+    baseline: PerplexityResult
+    ablations: list[Ablation]
+
+
+class LayerActivations(Strict):
+    layer: Index
+    tokens: list[str]
+    post: list[list[float]]
+    mlp_out: list[list[float]]
+    post_channels: list[Index]
+    mlp_out_channels: list[Index]
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        for key in ("post", "mlp_out"):
+            rows, channels = getattr(self, key), getattr(self, f"{key}_channels")
+            _check(
+                len(rows) == len(self.tokens) and all(len(r) == len(channels) for r in rows),
+                f"{key} is not tokens x {key}_channels ({len(self.tokens)} x {len(channels)})",
+            )
+        return self
+
+
+class WeightDistribution(Weight):
+    edges: list[float]
+    counts: list[Annotated[float, Field(ge=0)]]
+    z_score: float
+    rank: Count
+    n_weights: Count
+    mean: float
+    std: float
+
+    @model_validator(mode="after")
+    def _bins(self):
+        _check(len(self.counts) >= 1, "counts is empty")
+        _check(len(self.edges) == len(self.counts) + 1, "edges must be one longer than counts")
+        return self
+
+
+class TokenLoss(Strict):
+    label: str
+    tokens: list[str]
+    delta: list[float]
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        _check(len(self.tokens) >= 1, "no tokens")
+        _check(len(self.delta) == len(self.tokens), "delta and tokens differ in length")
+        return self
+
+
+class Prediction(Strict):
+    token: str
+    prob: Share
+
+
+class Predictions(Strict):
+    prompt: str
+    label: str
+    before: list[Prediction]
+    after: list[Prediction]
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        _check(len(self.before) == len(self.after), "before and after differ in length")
+        return self
+
+
+class Locate(Header):
+    model: ModelInfo
+    scan: Scan
+    candidates: list[Candidate]
+    super_weights: list[Candidate]
+    perplexity: LocatePerplexity
+    layer_activations: list[LayerActivations]
+    weight_distributions: list[WeightDistribution]
+    token_loss: TokenLoss | None
+    predictions: Predictions | None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        m = self.model
+        _check(
+            [s.layer for s in self.scan.layers] == list(range(m.n_layers)),
+            f"scan.layers must list layers 0..{m.n_layers - 1} in order",
+        )
+        for s in self.scan.layers:
+            _check(s.post.channel < m.d_mlp, f"layer {s.layer}: post channel >= d_mlp")
+            _check(s.mlp_out.channel < m.d_model, f"layer {s.layer}: mlp_out channel >= d_model")
+        _inside(m, [*self.candidates, *self.super_weights], "a candidate")
+        _inside(m, [w for a in self.perplexity.ablations for w in a.weights], "an ablated weight")
+        _inside(m, self.weight_distributions, "a weight distribution")
+        for acts in self.layer_activations:
+            _check(acts.layer < m.n_layers, f"layer_activations layer {acts.layer} >= n_layers")
+        _check(
+            (self.token_loss is None) == (self.predictions is None),
+            "token_loss and predictions come together",
+        )
+        return self
+
+
+# --- the experiments ---------------------------------------------------------------------
+
+
+class ControlRow(Strict):
+    label: str
+    kind: Literal["super", "largest", "largest + super", "random", "scaled"]
+    perplexity: Perplexity
+
+
+class DrawSummary(Strict):
+    draws: Index
+    mean: float | None
+    min: float | None
+    max: float | None
+
+    @model_validator(mode="after")
+    def _stats(self):
+        if self.draws:
+            _check(None not in (self.mean, self.min, self.max), "draws without mean/min/max")
+            _check(self.min <= self.mean <= self.max, "mean outside [min, max]")
+        return self
+
+
+class Controls(Measured):
+    kind: Literal["controls"]
+    controls: list[ControlRow]
+    summary: DrawSummary
+
+
+class Restore(Measured):
+    kind: Literal["restore"]
+    zeroed: PerplexityResult
+    restored: PerplexityResult
+    recovered: float
+
+
+class TokenClass(Strict):
+    before: Share
+    after: Share
+    ratio: float | None
+
+
+class Stopwords(Experiment):
+    kind: Literal["stopwords"]
+    classes: dict[str, TokenClass]
+    n_prompts: Index
+    prompt_source: str
+
+
+class ScalePoint(PerplexityResult):
+    scale: float
+    accuracy: Share | None = None
+
+
+class Task(Strict):
+    n_prompts: Count
+
+
+class Scaling(Measured):
+    kind: Literal["scaling"]
+    scaling: Annotated[list[ScalePoint], Field(min_length=1)]
+    task: Task | None = None
+
+    @model_validator(mode="after")
+    def _accuracy(self):
+        if self.task is not None:
+            _check(all(p.accuracy is not None for p in self.scaling), "a point lacks accuracy")
+        return self
+
+
+class QuantizedRow(Strict):
+    bits: Annotated[int, Field(ge=2, le=16)]
+    block: Count | str | None
+    method: str
+    perplexity: Perplexity
+
+
+class Quantize(Measured):
+    kind: Literal["quantize"]
+    quantized: Annotated[list[QuantizedRow], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _grid(self):
+        rows = self.quantized
+        methods = {r.method for r in rows}
+        _check(len(methods) <= 3, f"at most 3 methods are drawn, got {len(methods)}")
+        cells = {(r.bits, r.block, r.method) for r in rows}
+        bits, blocks = {r.bits for r in rows}, {r.block for r in rows}
+        _check(len(cells) == len(bits) * len(blocks) * len(methods), "the grid is incomplete")
+        return self
+
+
+class Decomposition(Strict):
+    layer: Index
+    row: Index
+    verdict: str
+    cumulative: Annotated[list[float], Field(min_length=1)]  # can pass 1: products cancel
+
+
+class Explain(Header):
+    kind: Literal["explain"]
+    model: ModelInfo
+    prompt: str
+    decompositions: list[Decomposition]
+
+
+class Firing(Strict):
+    value: float
+    kind: Literal["BOS", "first token", "delimiter", "other"]
+    by_rule: bool
+
+
+class WeightRobustness(Coord):
+    n_rule: Index
+    n_texts: Index
+    firings: list[Firing]
+
+
+class Robustness(Header):
+    kind: Literal["robustness"]
+    model: ModelInfo
+    n_texts: Index
+    prepend_bos: bool
+    weights: list[WeightRobustness]
+
+    @model_validator(mode="after")
+    def _weights_inside(self):
+        _inside(self.model, self.weights, "a weight")
+        return self
+
+
+class TrackSpike(Strict):
+    layer: Index
+
+
+class TrackCheckpoint(Strict):
+    iter_num: Index | None
+    spike: TrackSpike
+    max_mlp_out: Annotated[list[float], Field(min_length=1)]
+    candidates: list[Weight]
+
+
+class Track(Header):
+    kind: Literal["track"]
+    prompt: str
+    checkpoints: Annotated[list[TrackCheckpoint], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _layers(self):
+        n_layers = min(len(r.max_mlp_out) for r in self.checkpoints)
+        layers = {r.spike.layer for r in self.checkpoints}
+        layers |= {c.layer for r in self.checkpoints for c in r.candidates}
+        _check(max(layers) < n_layers, f"a layer index >= the {n_layers} layers tracked")
+        return self
+
+
+# --- sweep records -----------------------------------------------------------------------
+
+
+class RunRecord(Strict):
+    index: Index
+    name: str
+    experiments: list[str]
+    options: dict
+    args: dict[str, list[str]]
+
+    @model_validator(mode="after")
+    def _model(self):
+        _check(isinstance(self.options.get("model"), str), "options.model must be a string")
+        return self
+
+
+class SweepPlan(Strict):
+    sweep_file: str
+    out: str
+    slurm: dict
+    runs: list[RunRecord]
+
+
+class Step(Strict):
+    experiment: str
+    returncode: int
+    error: str | None = None
+
+
+class RunStatus(Strict):
+    run: RunRecord
+    status: Literal["ok", "failed"]
+    steps: list[Step]
+
+    @model_validator(mode="after")
+    def _failed_step(self):
+        if self.status == "failed":
+            _check(any(s.returncode for s in self.steps), "failed, but no step failed")
+        return self
+
+
+KINDS: dict[str, type[Header]] = {
+    "locate": Locate,
+    "controls": Controls,
+    "restore": Restore,
+    "stopwords": Stopwords,
+    "scaling": Scaling,
+    "quantize": Quantize,
+    "explain": Explain,
+    "robustness": Robustness,
+    "track": Track,
+}
+
+
+def _where(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def validate(document, schema: type[BaseModel], what: str) -> None:
+    """Check `document` against `schema`; the first problem is a one-line error."""
+    try:
+        schema.model_validate(document)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = _where(first["loc"])
+        if first["type"] == "missing":
+            raise SwLensError(f"{what} lacks the field '{where}'") from None
+        reason = first["msg"].removeprefix("Value error, ")
+        raise SwLensError(f"{what}: {where + ': ' if where else ''}{reason}") from None

@@ -1,0 +1,164 @@
+"""Results files are untrusted: each kind is checked against its schema before anything
+reads it, and a bad one is one line, exit 2, and nothing written, through the commands."""
+
+import json
+import math
+
+import pytest
+from conftest import run_experiment
+
+from sw_lens.documents import KINDS, Locate, validate
+from sw_lens.errors import SwLensError
+
+
+def setter(path: str, value):
+    """A change that sets document[a][b]... (integers index lists) to `value`."""
+
+    def change(document):
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        target = document
+        for key in parents:
+            target = target[key]
+        target[last] = value
+
+    return change
+
+
+def truncate(path: str, keep: int):
+    def change(document):
+        target = document
+        for key in [int(k) if k.isdigit() else k for k in path.split(".")]:
+            target = target[key]
+        del target[keep:]
+
+    return change
+
+
+HOSTILE_LOCATE = [
+    (setter("schema_version", 2), "has schema_version 2; this sw_lens reads 1"),
+    (setter("kind", "nonsense"), "holds 'nonsense'"),
+    (setter("scan.layers.0.post.value", "big"), "scan.layers[0].post.value: Input should be a"),
+    (setter("perplexity.baseline.perplexity", math.nan), "Input should be a finite number"),
+    (setter("token_loss.delta.3", math.inf), "token_loss.delta[3]: Input should be a finite"),
+    (setter("candidates.0.layer", 99), "a candidate (layer 99, row 5, col 17) lies outside"),
+    (setter("super_weights.0.row", -1), "greater than or equal to 0"),
+    (truncate("scan.layers", 2), "scan.layers must list layers 0..5 in order"),
+    (truncate("token_loss.delta", 5), "delta and tokens differ in length"),
+    (truncate("predictions.after", 1), "before and after differ in length"),
+    (setter("layer_activations.0.post.0", [1.0]), "post is not tokens x post_channels"),
+    (setter("weight_distributions.0.edges", []), "edges must be one longer than counts"),
+    (setter("model.n_layers", True), "model.n_layers: Input should be a valid integer"),
+    (setter("token_loss.tokens.0", 7), "token_loss.tokens[0]: Input should be a valid string"),
+    (setter("perplexity.ablations.0.weights", [{"layer": 0, "row": 0}]), "lacks the field"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), HOSTILE_LOCATE)
+def test_a_hostile_results_file_is_one_line_and_draws_nothing(
+    results_file, tmp_path, change, message
+):
+    document = json.loads(results_file.read_text())
+    change(document)
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps(document))  # NaN and Infinity as Python writes them
+    done = run_experiment("figures.py", bad)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: results file '{bad}'") and message in line, line
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", "has schema_version None"),
+        ("{", "is not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "is not valid JSON"),
+        (b"\xff\xfe".decode("latin-1"), "is not valid JSON"),
+    ],
+)
+def test_a_file_that_is_no_document_is_one_line(tmp_path, text, message):
+    bad = tmp_path / "results.json"
+    bad.write_text(text, encoding="latin-1")
+    done = run_experiment("figures.py", bad)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert message in line
+
+
+def test_a_hostile_results_file_is_refused_by_an_experiment_before_any_work(results_file, tmp_path):
+    document = json.loads(results_file.read_text())
+    document["super_weights"][0]["col"] = 10**9
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps(document))
+    out = tmp_path / "out"
+    model = document["model"]["location"]
+    corpus = results_file.parent / "corpus.txt"
+    done = run_experiment(
+        *("controls.py", "--model", model, "--text", corpus, "--window", "64"),
+        *("--results", bad, "--out", out, "--device", "cpu"),
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "lies outside the model" in line and not out.exists()
+
+
+def other_kinds():
+    """A valid document of each experiment kind, small but complete."""
+    model = {"name": "m", "architecture": "A", "n_layers": 4, "d_model": 8, "d_mlp": 16}
+    ppl = {"corpus": "c", "protocol_description": "p", "n_tokens": 10, "nll": 1.0}
+    ppl |= {"perplexity": math.e}
+    head = {"schema_version": 1, "provenance": {}, "model": model}
+    experiment = head | {
+        "super_weights": [{"layer": 1, "row": 2, "col": 3, "value": 5.0}],
+        "super_weight_source": "given",
+        "baseline": ppl,
+    }
+    rows = [
+        {"bits": b, "block": k, "method": m, "perplexity": 3.0}
+        for b in (4, 3)
+        for k in ("tensor", 128)
+        for m in ("plain", "clipped")
+    ]
+    return {
+        "quantize": experiment | {"kind": "quantize", "quantized": rows},
+        "controls": experiment
+        | {
+            "kind": "controls",
+            "controls": [{"label": "(a)", "kind": "super", "perplexity": 9.0}],
+            "summary": {"draws": 2, "mean": 3.0, "min": 2.9, "max": 3.1},
+        },
+        "track": {
+            "schema_version": 1,
+            "kind": "track",
+            "provenance": {},
+            "prompt": "p",
+            "checkpoints": [
+                {"iter_num": 0, "spike": {"layer": 1}, "max_mlp_out": [1.0] * 4, "candidates": []}
+            ],
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "message"),
+    [
+        ("quantize", lambda d: d["quantized"].pop(), "the grid is incomplete"),
+        ("quantize", setter("quantized.0.bits", 1), "greater than or equal to 2"),
+        ("controls", setter("controls.0.kind", "evil"), "Input should be 'super'"),
+        ("controls", setter("summary.mean", None), "draws without mean/min/max"),
+        ("controls", setter("super_weights.0.layer", 4), "lies outside the model"),
+        ("track", setter("checkpoints.0.spike.layer", 4), "a layer index >= the 4 layers"),
+        ("track", setter("checkpoints.0.iter_num", 1.5), "Input should be a valid integer"),
+    ],
+)
+def test_every_kind_has_its_invariants(kind, change, message):
+    document = other_kinds()[kind]
+    validate(document, KINDS[kind], "doc")  # the valid one passes
+    change(document)
+    with pytest.raises(SwLensError, match=message):
+        validate(document, KINDS[kind], "doc")
+
+
+def test_the_schema_accepts_what_locate_writes(results_file):
+    validate(json.loads(results_file.read_text()), Locate, "results")
