@@ -98,12 +98,19 @@ def _wikitext2() -> str:
 
 
 def tokenize(
-    tokenizer: PreTrainedTokenizerBase, text: str, d_vocab: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    d_vocab: int | None = None,
+    limit: int | None = None,
 ) -> Int[Tensor, "n_tokens"]:
     """Token ids of `text` with no special tokens: BOS is the perplexity protocol's choice,
     not the tokenizer's. With `d_vocab`, ids the model has no embedding for (a character
-    outside a char-level vocabulary) are refused here rather than crashing a forward."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    outside a char-level vocabulary) are refused here rather than crashing a forward.
+
+    With `limit`, at least the first `limit` tokens (all of them if the text has fewer),
+    exactly as tokenizing the whole text gives them: a 30 MB corpus is not tokenized (and
+    held) whole for a budget of a thousand tokens."""
+    ids = _ids(tokenizer, text) if limit is None else _first_ids(tokenizer, text, limit)
     if not ids:
         raise SwLensError("the text produced no tokens")
     tokens = torch.tensor(ids, dtype=torch.long)
@@ -114,3 +121,27 @@ def tokenize(
             f"use a text the tokenizer covers"
         )
     return tokens
+
+
+# Tokens dropped before a cut: a cut at whitespace changes at most the last word's
+# tokens; this many more is a wide margin for tokenizers that look further back.
+_CUT_MARGIN = 64
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _first_ids(tokenizer: PreTrainedTokenizerBase, text: str, limit: int) -> list[int]:
+    """Tokenize growing prefixes, each cut at whitespace, until one yields `limit` tokens
+    beyond a margin before its cut; the whole text when no cut at whitespace exists."""
+    chars = 8 * (limit + _CUT_MARGIN)  # most tokenizers give 2-5 characters per token
+    while chars < len(text):
+        cut = max(text.rfind("\n", 0, chars), text.rfind(" ", 0, chars))
+        if cut <= 0:
+            break
+        ids = _ids(tokenizer, text[:cut])
+        if len(ids) >= limit + _CUT_MARGIN:
+            return ids[: len(ids) - _CUT_MARGIN]
+        chars *= 2
+    return _ids(tokenizer, text)

@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from sw_lens import nanogpt
 from sw_lens.errors import SwLensError
 from sw_lens.packaged import package_file
-from sw_lens.resources import check_fits
+from sw_lens.resources import check_count, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,12 @@ def _load_pretrained(
 ):
     """A hub id or HF-format directory; hub ids resolve through the HF cache. The memory it
     needs is checked from its config before any weight is read."""
+    config_file = Path(location) / "config.json"
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except OSError:
+    except OSError as err:
+        if config_file.is_file():  # a local folder: its config.json is there but unreadable
+            raise SwLensError(f"cannot read {config_file}: {_first_line(err)}") from None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         where = "the local HF cache (HF_HUB_OFFLINE=1)" if offline else "the hub or the HF cache"
         raise SwLensError(
@@ -201,7 +204,7 @@ def _load_pretrained(
             ) from None
         raise SwLensError(f"cannot load '{name}': {_first_line(err)}") from None
     _check_architecture(config, name)
-    check_fits(config, name, device, dtype)
+    check_fits(config, name, device, dtype, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -246,7 +249,7 @@ def load_model(
         _check_architecture(model.config, name)
     elif path.is_file() and path.suffix == ".pt":
         source, location = "nanogpt", str(path.resolve())
-        model, tokenizer, iter_num = _load_nanogpt(path, tokenizer_name)
+        model, tokenizer, iter_num = _load_nanogpt(path, tokenizer_name, torch_device, torch_dtype)
         checkpoint_weight = nanogpt.checkpoint_weight
     elif path.is_dir():
         if not (path / "config.json").is_file():
@@ -301,8 +304,12 @@ def _hf_checkpoint_weight(bridge: TransformerBridge):
     return where
 
 
-def _load_nanogpt(path: Path, tokenizer_name: str | None):
+def _load_nanogpt(path: Path, tokenizer_name: str | None, device: torch.device, dtype):
     checkpoint = nanogpt.read_checkpoint(path)
+    # Built in float32 on the CPU, then moved: both must hold it.
+    n_params = nanogpt.parameter_count(checkpoint.model_args)
+    check_count(n_params, str(path), torch.device("cpu"), torch.float32)
+    check_count(n_params, str(path), device, dtype)
     model = nanogpt.to_gpt2(checkpoint)
     tokenizer = nanogpt.load_tokenizer(path, checkpoint, tokenizer_name, embedded_cache_dir())
     if len(tokenizer) > model.config.vocab_size + 1:  # +1: the char tokenizer's <unk>

@@ -79,7 +79,17 @@ def read_checkpoint(path: Path) -> Checkpoint:
         if args is None:
             raise SwLensError(f"checkpoint {path} has a 'model' state dict but no 'model_args'")
         config = raw.get("config") or {}
-        return Checkpoint(_strip(state), dict(args), raw.get("iter_num"), config.get("dataset"))
+        if not isinstance(config, dict):
+            raise SwLensError(f"checkpoint {path}: 'config' is a {type(config).__name__}")
+        dataset = config.get("dataset")
+        if dataset is not None and not (isinstance(dataset, str) and _plain_name(dataset)):
+            raise SwLensError(
+                f"checkpoint {path}: config.dataset {dataset!r:.40} is no folder name"
+            )
+        iter_num = raw.get("iter_num")
+        if iter_num is not None and (not _is_int(iter_num) or iter_num < 0):
+            raise SwLensError(f"checkpoint {path}: iter_num {iter_num!r:.40} is no step number")
+        return Checkpoint(_state_dict(state, path), _model_args(args, path), iter_num, dataset)
     if all(isinstance(v, Tensor) for v in raw.values()):
         args_file = path.with_name("model_args.json")
         if not args_file.is_file():
@@ -87,8 +97,52 @@ def read_checkpoint(path: Path) -> Checkpoint:
                 f"{path} is a bare state dict: put its model_args (n_layer, n_head, n_embd, "
                 f"block_size, vocab_size, bias) in {args_file}"
             )
-        return Checkpoint(_strip(raw), json.loads(args_file.read_text()), None, None)
+        try:
+            args = json.loads(args_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise SwLensError(f"{args_file} is not valid JSON: {err}") from None
+        return Checkpoint(_state_dict(raw, path), _model_args(args, args_file), None, None)
     raise SwLensError(f"{path} is neither a nanoGPT checkpoint nor a state dict")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plain_name(text: str) -> bool:
+    """A dataset name used as a folder under data/: no path separators or parents."""
+    return bool(text) and "/" not in text and "\\" not in text and text not in (".", "..")
+
+
+def _state_dict(state, where: Path) -> dict[str, Tensor]:
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise SwLensError(f"{where}: 'model' is not a state dict of named tensors")
+    return _strip(state)
+
+
+def _model_args(args, where: Path) -> dict:
+    """nanoGPT's GPTConfig fields, checked: positive integers, n_embd a multiple of
+    n_head, bias a bool. Anything else in a file is refused before it sizes a model."""
+    if not isinstance(args, dict):
+        raise SwLensError(f"{where}: model_args is a {type(args).__name__}, not a table")
+    missing = [k for k in REQUIRED_ARGS if k not in args]
+    if missing:
+        raise SwLensError(f"{where}: model_args lack {', '.join(missing)}")
+    for key in REQUIRED_ARGS:
+        if not _is_int(args[key]) or args[key] < 1:
+            raise SwLensError(
+                f"{where}: model_args {key} must be a positive integer, got {args[key]!r:.40}"
+            )
+    if args["n_embd"] % args["n_head"]:
+        raise SwLensError(
+            f"{where}: model_args n_embd {args['n_embd']} is not a multiple of n_head "
+            f"{args['n_head']}"
+        )
+    if not isinstance(args.get("bias", True), bool):
+        raise SwLensError(f"{where}: model_args bias must be true or false, got {args['bias']!r}")
+    return dict(args)
 
 
 def _strip(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -98,9 +152,7 @@ def _strip(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def gpt2_config(model_args: dict) -> GPT2Config:
-    missing = [k for k in REQUIRED_ARGS if k not in model_args]
-    if missing:
-        raise SwLensError(f"model_args lack {', '.join(missing)}")
+    """The GPT-2 config of checked model_args (`read_checkpoint`)."""
     a = model_args
     return GPT2Config(
         vocab_size=a["vocab_size"],
@@ -118,6 +170,15 @@ def gpt2_config(model_args: dict) -> GPT2Config:
         bos_token_id=None,
         eos_token_id=None,
     )
+
+
+def parameter_count(model_args: dict) -> int:
+    """Parameters of the GPT-2 model `to_gpt2` builds, by formula: checked before anything
+    is allocated (model_args come from the file). Per layer: two LayerNorms (4d),
+    attention (4d^2 + 4d) and the MLP (8d^2 + 5d); the unembedding is tied."""
+    d, n_layer = model_args["n_embd"], model_args["n_layer"]
+    embeddings = (model_args["vocab_size"] + model_args["block_size"]) * d
+    return embeddings + n_layer * (12 * d * d + 13 * d) + 2 * d
 
 
 def expected_keys(model_args: dict) -> set[str]:
@@ -146,16 +207,22 @@ def to_gpt2(checkpoint: Checkpoint) -> GPT2LMHeadModel:
             "not a checkpoint of nanoGPT's GPT (a fork with other options?): "
             + "; ".join(p for p in parts if p)
         )
-    if lm_head is not None and not torch.equal(lm_head, state["transformer.wte.weight"]):
+    if lm_head is not None and (
+        lm_head.shape != state["transformer.wte.weight"].shape
+        or not torch.equal(lm_head, state["transformer.wte.weight"])
+    ):
         raise SwLensError("lm_head.weight differs from transformer.wte.weight; nanoGPT ties them")
-    model = GPT2LMHeadModel(config)
-    target = model.state_dict()
-    converted = {}
+    with torch.device("meta"):  # shapes first: model_args must not size a model unchecked
+        target = GPT2LMHeadModel(config).state_dict()
     for key, tensor in state.items():
         value = tensor.t() if key.endswith(TRANSPOSED) else tensor
         if value.shape != target[key].shape:
             raise SwLensError(f"{key}: shape {tuple(tensor.shape)} does not fit model_args {args}")
-        converted[key] = value.float()
+    model = GPT2LMHeadModel(config)
+    target = model.state_dict()
+    converted = {}
+    for key, tensor in state.items():
+        converted[key] = (tensor.t() if key.endswith(TRANSPOSED) else tensor).float()
     for key in target:  # bias=False: nanoGPT has none, GPT-2's are zero
         if key.endswith(".bias") and key not in converted:
             converted[key] = torch.zeros_like(target[key])
@@ -190,6 +257,17 @@ def read_meta(path: Path) -> dict:
         raise SwLensError(f"cannot read {path}: {err}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("stoi"), dict):
         raise SwLensError(f"{path} has no 'stoi' vocabulary")
+    stoi = meta["stoi"]
+    if not stoi:
+        raise SwLensError(f"{path}: the 'stoi' vocabulary is empty")
+    for ch, i in stoi.items():
+        if not isinstance(ch, str) or not ch or not _is_int(i) or i < 0:
+            raise SwLensError(
+                f"{path}: 'stoi' must map characters to non-negative integer ids, got "
+                f"{ch!r:.20} -> {i!r:.20}"
+            )
+    if len(set(stoi.values())) != len(stoi):
+        raise SwLensError(f"{path}: two characters of 'stoi' share an id")
     return meta
 
 
@@ -207,7 +285,7 @@ def char_tokenizer(meta: dict, directory: Path) -> PreTrainedTokenizerBase:
     """nanoGPT's character vocabulary as an HF tokenizer, saved to `directory` (the bridge
     reloads tokenizers from disk). A character outside the vocabulary becomes ``<unk>``,
     whose id lies past the model's vocabulary, so it is refused before any forward."""
-    stoi = {str(ch): int(i) for ch, i in meta["stoi"].items()}
+    stoi = dict(meta["stoi"])  # checked by read_meta: str -> distinct int >= 0
     vocab = stoi | {UNK: max(stoi.values()) + 1}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")

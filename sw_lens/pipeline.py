@@ -212,6 +212,14 @@ def known_dict(config: LocateConfig, known: KnownModel | None, model, found: Loc
     }
 
 
+def token_budget(config: LocateConfig) -> int | None:
+    """Corpus tokens any measurement of `config` reads (None: all): the reported and the
+    ranking budgets, and at least one window, which `windows` asks of the corpus."""
+    if config.max_tokens is None:
+        return None
+    return max(config.max_tokens, config.rank_tokens, config.window)
+
+
 @dataclass
 class Setup:
     """A loaded model with its corpus, protocol and scan prompts: what every job starts from."""
@@ -245,7 +253,9 @@ def load(config: LocateConfig) -> Setup:
     return Setup(
         loaded=loaded,
         corpus=corpus,
-        tokens=tokenize(loaded.tokenizer, corpus.text, loaded.bridge.cfg.d_vocab),
+        tokens=tokenize(
+            loaded.tokenizer, corpus.text, loaded.bridge.cfg.d_vocab, token_budget(config)
+        ),
         protocol=protocol,
         rank_protocol=replace(protocol, max_tokens=config.rank_tokens),
         prepend_bos=prepend_bos,

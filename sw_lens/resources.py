@@ -16,10 +16,11 @@ GIB = 2**30
 OVERHEAD = 1.2  # activations of a forward, tokenizer, allocator slack
 
 
-def parameter_count(config) -> int:
-    """Exact, without allocating: the model is built on the meta device."""
+def parameter_count(config, trust_remote_code: bool = False) -> int:
+    """Exact, without allocating: the model is built on the meta device (with the model's
+    own code when the user trusts it, as the load itself will)."""
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -30,8 +31,14 @@ def available_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def check_fits(config, name: str, device: torch.device, dtype: torch.dtype) -> None:
-    n_params = parameter_count(config)
+def check_fits(
+    config, name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
+) -> None:
+    check_count(parameter_count(config, trust_remote_code), name, device, dtype)
+
+
+def check_count(n_params: int, name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, with what would fit, a model of `n_params` that `device` cannot hold."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     needed = n_params * itemsize * OVERHEAD
     free = available_bytes(device)

@@ -83,7 +83,8 @@ def track_checkpoint(
         protocol = replace(protocol, prepend_bos=loaded.adds_bos)  # the model's convention
         check_window(model, protocol)
         corpus = load_corpus(text)
-        tokens = tokenize(loaded.tokenizer, corpus.text, model.cfg.d_vocab)
+        budget = protocol.max_tokens and max(protocol.max_tokens, protocol.window)
+        tokens = tokenize(loaded.tokenizer, corpus.text, model.cfg.d_vocab, budget)
         baseline = evaluate(model, tokens, protocol, corpus.name, desc="baseline")
         creators = [c.coord for c in found.candidates if c.role == "creates"]
         ablated = (

@@ -78,3 +78,40 @@ def test_wikitext2_without_hub_or_cache_is_a_one_line_error(monkeypatch):
     with pytest.raises(SwLensError, match="WikiText-2 is not available") as err:
         load_corpus("wikitext-2")
     assert "\n" not in str(err.value) and "use --text lee or a local file" in str(err.value)
+
+
+class CountingTokenizer:
+    """A tokenizer that records how many characters it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.characters = tokenizer, 0
+
+    def __call__(self, text, **kwargs):
+        self.characters += len(text)
+        return self.tokenizer(text, **kwargs)
+
+
+def test_a_budget_tokenizes_a_prefix_of_a_huge_one_line_corpus():
+    words = ["alpha", "beta", "gamma", "delta", "A"]
+    text = " ".join(words[i % 5] + str(i % 97) for i in range(3_000_000))  # ~30 MB, one line
+    counting = CountingTokenizer(byte_tokenizer())
+    tokens = tokenize(counting, text, limit=1024)
+    assert counting.characters < 100_000  # not 30 million
+    head = byte_tokenizer()(text[:20_000], add_special_tokens=False)["input_ids"]
+    assert len(tokens) >= 1024 and tokens.tolist() == head[: len(tokens)]
+
+
+def test_a_budget_gives_the_same_tokens_as_the_whole_text_with_a_real_bpe():
+    pytest.importorskip("gguf")
+    pytest.importorskip("gensim")
+    from transformers import AutoTokenizer
+
+    from sw_lens.models import _embedded_snapshot
+
+    tokenizer = AutoTokenizer.from_pretrained(_embedded_snapshot("smollm2-135m"))
+    text = load_corpus("lee").text
+    whole = tokenize(tokenizer, text)
+    for limit in (1, 300, 5000, len(whole) + 10):
+        first = tokenize(tokenizer, text, limit=limit)
+        assert len(first) >= min(limit, len(whole))
+        assert first.tolist() == whole[: len(first)].tolist()

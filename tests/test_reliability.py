@@ -84,6 +84,33 @@ def test_remote_code_is_not_run_without_the_flag(tmp_path):
     assert not marker.exists()
 
 
+def test_remote_code_runs_with_the_flag_through_the_memory_check(tmp_path):
+    """A model whose config and model classes live in its own files loads with
+    --trust-remote-code: the memory check builds it from the config with the same trust."""
+    model_dir = save(build("llama", [ONE]), tmp_path / "m")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["model_type"] = "custom_llama"
+    config["auto_map"] = {
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+    }
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "configuration_custom.py").write_text(
+        "from transformers import LlamaConfig\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n"
+    )
+    (model_dir / "modeling_custom.py").write_text(
+        "from transformers import LlamaForCausalLM\n"
+        "from .configuration_custom import CustomConfig\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    loaded = load_model(str(model_dir), device="cpu", trust_remote_code=True)
+    assert type(loaded.bridge.original_model).__name__ == "CustomForCausalLM"
+    ids = torch.tensor(byte_tokenizer()(PROMPT)["input_ids"])
+    (found,) = locate(loaded.bridge, [ids], prepend_bos=False).candidates
+    assert (found.coord.layer, found.coord.row, found.coord.col) == (ONE.layer, ONE.row, ONE.col)
+
+
 def test_a_float16_overflow_is_reported_at_its_first_layer(tmp_path):
     big = Plant(layer=1, row=5, col=17, dim=3, value=300.0)  # 300 x 511 > float16's 65504
     loaded = load_model(str(save(build("llama", [big]), tmp_path / "m")), "cpu", "float16")
