@@ -124,9 +124,7 @@ def check_writable(folder: Path) -> Path:
     try:
         tempfile.TemporaryDirectory(dir=existing, prefix=".sw_lens-probe-").cleanup()
     except OSError as err:
-        raise SwLensError(
-            f"cannot write into '{existing}' for '{folder}': {_reason(err)}"
-        ) from None
+        raise SwLensError(f"cannot write output folder '{folder}': {_reason(err)}") from None
     return folder
 
 
