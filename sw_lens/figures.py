@@ -7,6 +7,7 @@ TransformerLens hook names on its axes and the model and prompt in a caption lin
 the file's metadata.
 """
 
+import functools
 import re
 import textwrap
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from sw_lens import pages  # noqa: E402
+from sw_lens.errors import SwLensError  # noqa: E402
 from sw_lens.results import write_atomic  # noqa: E402
 
 COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
@@ -42,6 +44,7 @@ STYLE = {
     "text.parse_math": False,
 }
 BLUE, RED, GREY = "#1f77b4", "#d62728", "#7f7f7f"
+HEATMAP_TOKENS = 96  # rows of the spike heatmap: a figure must fit a page
 
 
 def caption(document: dict) -> str:
@@ -68,6 +71,23 @@ def _save(fig, out_dir: Path, stem: str, text: str, title: str) -> list[Path]:
     return paths
 
 
+def _drawn(draw: Callable[..., list[Path]]) -> Callable[..., list[Path]]:
+    """A figure drawn from a results file, which may hold what matplotlib cannot lay out
+    (a perplexity of 1e308, ten thousand bars): one line naming the figure, not a
+    traceback. The schema (`sw_lens.documents`) has already refused wrong types."""
+
+    @functools.wraps(draw)
+    def checked(*args, **kwargs) -> list[Path]:
+        try:
+            return draw(*args, **kwargs)
+        except (ValueError, OverflowError, FloatingPointError) as err:
+            plt.close("all")
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise SwLensError(f"cannot draw {draw.__name__} from this document: {reason}") from None
+
+    return checked
+
+
 def _figure(height: float, ncols: int = 1):
     return plt.subplots(1, ncols, figsize=(COLUMN_WIDTH, height), layout="constrained")
 
@@ -78,6 +98,7 @@ HOOKS = {
 }
 
 
+@_drawn
 def layer_maxima(document: dict, out_dir: Path, log_scale: bool = True) -> list[Path]:
     """Per layer, the largest |down-projection input| and |output| on the scanned prompt
     (the original project's two plots), with the weights found marked and annotated."""
@@ -108,19 +129,20 @@ def layer_maxima(document: dict, out_dir: Path, log_scale: bool = True) -> list[
     return paths
 
 
+@_drawn
 def spike_heatmap(document: dict, out_dir: Path) -> list[Path]:
     """Tokens x top channels of the first spike layer: the super activation sits on one
     channel at a few tokens. Symmetric-log colours so 1e4 and 1 are both visible."""
     if not document["layer_activations"]:
         return []
     acts = document["layer_activations"][0]
-    layer, tokens = acts["layer"], acts["tokens"]
+    layer, tokens = acts["layer"], acts["tokens"][:HEATMAP_TOKENS]  # a long prompt: its start
     fig, axes = _figure(0.9 + 0.12 * len(tokens), ncols=2)
     for ax, key, hook in (
         (axes[0], "post", f"blocks.{layer}.mlp.hook_post"),
         (axes[1], "mlp_out", f"blocks.{layer}.hook_mlp_out"),
     ):
-        values = np.array(acts[key])
+        values = np.array(acts[key][: len(tokens)])
         limit = float(np.abs(values).max()) or 1.0
         image = ax.imshow(
             values,
@@ -131,7 +153,7 @@ def spike_heatmap(document: dict, out_dir: Path) -> list[Path]:
         )
         channels = acts[f"{key}_channels"]
         ax.set_xticks(range(len(channels)), [str(c) for c in channels], rotation=90, fontsize=4)
-        ax.set_yticks(range(len(tokens)), [repr(t) for t in tokens], fontsize=5)
+        ax.set_yticks(range(len(tokens)), [repr(t)[:24] for t in tokens], fontsize=5)
         ax.set_xlabel("channel (top by max |value|)")
         ax.set_title(hook, fontsize=6)
         fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=4)
@@ -162,6 +184,7 @@ def _perplexity_bars(rows: list[tuple[str, float, str]], base: dict, errors=None
     return fig, ax
 
 
+@_drawn
 def perplexity_bars(document: dict, out_dir: Path) -> list[Path]:
     """Baseline against each ablation."""
     ppl = document["perplexity"]
@@ -176,6 +199,7 @@ def _short(label: str) -> str:
     return re.sub(r"layer (\d+) down_proj\.weight", r"L\1 ", label)
 
 
+@_drawn
 def weight_outlier(document: dict, out_dir: Path) -> list[Path]:
     """The super weight against every weight of its matrix, with its z-score."""
     if not document["weight_distributions"]:
@@ -265,6 +289,7 @@ def render_all(document: dict, out_dir: Path, log_scale: bool = True) -> list[Pa
     return paths
 
 
+@_drawn
 def track_figure(document: dict, out_dir: Path) -> list[Path]:
     """Across training: the spike of every layer that ever meets the rule (or is the
     largest), and the value of each super weight where the rule finds it."""
@@ -310,6 +335,7 @@ def track_figure(document: dict, out_dir: Path) -> list[Path]:
         return _save(fig, out_dir, "track", text, "super weights across training")
 
 
+@_drawn
 def decomposition_figure(document: dict, out_dir: Path) -> list[Path]:
     """Cumulative share of each spike carried by its k largest weight products: a super
     weight is a curve that starts near 1."""
@@ -338,6 +364,7 @@ def decomposition_figure(document: dict, out_dir: Path) -> list[Path]:
 KIND_COLOURS = {"BOS": "#9467bd", "first token": "#ff7f0e", "delimiter": "#2ca02c", "other": BLUE}
 
 
+@_drawn
 def robustness_figure(document: dict, out_dir: Path, max_weights: int = 8) -> list[Path]:
     """Per weight, its super activation in every scanned text, coloured by the kind of
     token where it fires in the texts where the rule names it (grey: elsewhere)."""
@@ -390,6 +417,7 @@ CONTROL_COLOURS = {
 }
 
 
+@_drawn
 def controls_figure(document: dict, out_dir: Path) -> list[Path]:
     """The super weights zeroed against the controls; random draws as their mean with
     the min-max range."""
@@ -410,6 +438,7 @@ def controls_figure(document: dict, out_dir: Path) -> list[Path]:
         return _save(fig, out_dir, "controls", experiment_caption(document), "controls")
 
 
+@_drawn
 def restore_figure(document: dict, out_dir: Path) -> list[Path]:
     """Baseline, super weights zeroed, and zeroed with the super activation restored."""
     base = document["baseline"]
@@ -428,6 +457,7 @@ def restore_figure(document: dict, out_dir: Path) -> list[Path]:
         return _save(fig, out_dir, "restore", experiment_caption(document), "restore")
 
 
+@_drawn
 def stopwords_figure(document: dict, out_dir: Path) -> list[Path]:
     """Mean next-token probability per token class before and after the ablation."""
     classes = document["classes"]
@@ -450,6 +480,7 @@ def stopwords_figure(document: dict, out_dir: Path) -> list[Path]:
         return _save(fig, out_dir, "stopwords", experiment_caption(document), "stopwords")
 
 
+@_drawn
 def scaling_figure(document: dict, out_dir: Path) -> list[Path]:
     """Perplexity against the factor the super weights are multiplied by."""
     base = document["baseline"]
@@ -485,6 +516,7 @@ def scaling_figure(document: dict, out_dir: Path) -> list[Path]:
         return _save(fig, out_dir, "scaling", experiment_caption(document), "scaling")
 
 
+@_drawn
 def quantize_figure(document: dict, out_dir: Path) -> list[Path]:
     """One panel per bit width: perplexity per block size for each method."""
     base = document["baseline"]
@@ -518,6 +550,7 @@ def quantize_figure(document: dict, out_dir: Path) -> list[Path]:
         return _save(fig, out_dir, "quantize", experiment_caption(document), "quantization")
 
 
+@_drawn
 def sweep_figure(rows: list[dict], out_dir: Path) -> list[Path]:
     """Across a sweep: each super weight's perplexity ratio, and how deep in its model it
     sits (layer / (n_layers - 1))."""

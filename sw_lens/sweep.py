@@ -194,8 +194,8 @@ class Run:
                 flag = "--" + key.replace("_", "-")
                 if OPTIONS[key] is bool:
                     argv += [flag] if value else []
-                else:
-                    argv += [flag, str(value)]
+                else:  # one word: a value such as "--help" stays a value
+                    argv.append(f"{flag}={value}")
             if experiment != "locate" and "locate" in self.experiments:
                 argv += ["--results", str(folder / "results.json")]
             commands.append(argv + self.args.get(experiment, []))
@@ -559,11 +559,20 @@ def _locate_rows(path: Path, base: dict) -> list[dict]:
     return rows
 
 
+def _inert(value):
+    """A text cell a spreadsheet will not run as a formula (a model named '=HYPERLINK(...)'),
+    on one line; numbers stay numbers."""
+    if not isinstance(value, str):
+        return value
+    value = " ".join(value.splitlines())
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def table_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: _inert(v) for k, v in row.items()} for row in rows)
     return buffer.getvalue()
 
 
@@ -571,7 +580,9 @@ def table_markdown(rows: list[dict]) -> str:
     def cell(value) -> str:
         if value is None:
             return ""
-        return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return " ".join(str(value).splitlines()).replace("|", "\\|")
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]

@@ -352,3 +352,15 @@ def test_the_report_names_malformed_run_records_and_a_bad_plan_is_one_line(tmp_p
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert "runs[0].index: Input should be a valid integer" in line
+
+
+def test_report_cells_are_never_spreadsheet_formulas_and_values_never_options(tmp_path):
+    rows = [{"run": "=HYPERLINK(1)", "model": "-x\nsecond line", "status": "ok", "value": -1.5}]
+    (row,) = list(csv.DictReader(table_csv(rows).splitlines()))
+    assert (row["run"], row["model"], row["value"]) == ("'=HYPERLINK(1)", "'-x second line", "-1.5")
+    path = tmp_path / "sweep.toml"
+    path.write_text('[[runs]]\nmodel = "--help"\n')
+    (run,) = load_sweep(path).runs
+    python, repo = python_and_repo()
+    (argv,) = run.commands(tmp_path / "out", python, repo)
+    assert "--model=--help" in argv
