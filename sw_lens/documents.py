@@ -61,32 +61,40 @@ class Weight(Coord):
     value: float
 
 
-def _inside(model: ModelInfo, coords: list[Coord], what: str) -> None:
-    for c in coords:
-        _check(
-            c.layer < model.n_layers and c.row < model.d_model and c.col < model.d_mlp,
-            f"{what} (layer {c.layer}, row {c.row}, col {c.col}) lies outside the model "
-            f"({model.n_layers} layers, d_model {model.d_model}, d_mlp {model.d_mlp})",
-        )
-
-
 class Header(Strict):
     schema_version: Literal[1]
     kind: str
     provenance: dict
 
 
-class Experiment(Header):
-    """controls, restore, stopwords, scaling, quantize: the same head (`experiment_document`)."""
+class OnModel(Header):
+    """A document about one model: every weight it names lies inside that model."""
 
     model: ModelInfo
+
+    def coords(self) -> list[Coord]:
+        return []
+
+    @model_validator(mode="after")
+    def _inside_the_model(self):
+        m = self.model
+        for c in self.coords():
+            _check(
+                c.layer < m.n_layers and c.row < m.d_model and c.col < m.d_mlp,
+                f"a weight (layer {c.layer}, row {c.row}, col {c.col}) lies outside the model "
+                f"({m.n_layers} layers, d_model {m.d_model}, d_mlp {m.d_mlp})",
+            )
+        return self
+
+
+class Experiment(OnModel):
+    """controls, restore, stopwords, scaling, quantize: the same head (`experiment_document`)."""
+
     super_weights: list[Weight]
     super_weight_source: str
 
-    @model_validator(mode="after")
-    def _weights_inside(self):
-        _inside(self.model, self.super_weights, "a super weight")
-        return self
+    def coords(self) -> list[Coord]:
+        return self.super_weights
 
 
 class Measured(Experiment):
@@ -198,8 +206,7 @@ class Predictions(Strict):
         return self
 
 
-class Locate(Header):
-    model: ModelInfo
+class Locate(OnModel):
     scan: Scan
     candidates: list[Candidate]
     super_weights: list[Candidate]
@@ -208,6 +215,10 @@ class Locate(Header):
     weight_distributions: list[WeightDistribution]
     token_loss: TokenLoss | None
     predictions: Predictions | None
+
+    def coords(self) -> list[Coord]:
+        ablated = [w for a in self.perplexity.ablations for w in a.weights]
+        return [*self.candidates, *self.super_weights, *ablated, *self.weight_distributions]
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -219,9 +230,6 @@ class Locate(Header):
         for s in self.scan.layers:
             _check(s.post.channel < m.d_mlp, f"layer {s.layer}: post channel >= d_mlp")
             _check(s.mlp_out.channel < m.d_model, f"layer {s.layer}: mlp_out channel >= d_model")
-        _inside(m, [*self.candidates, *self.super_weights], "a candidate")
-        _inside(m, [w for a in self.perplexity.ablations for w in a.weights], "an ablated weight")
-        _inside(m, self.weight_distributions, "a weight distribution")
         for acts in self.layer_activations:
             _check(acts.layer < m.n_layers, f"layer_activations layer {acts.layer} >= n_layers")
         _check(
@@ -330,9 +338,8 @@ class Decomposition(Strict):
     cumulative: Annotated[list[float], Field(min_length=1)]  # can pass 1: products cancel
 
 
-class Explain(Header):
+class Explain(OnModel):
     kind: Literal["explain"]
-    model: ModelInfo
     prompt: str
     decompositions: list[Decomposition]
 
@@ -349,17 +356,14 @@ class WeightRobustness(Coord):
     firings: list[Firing]
 
 
-class Robustness(Header):
+class Robustness(OnModel):
     kind: Literal["robustness"]
-    model: ModelInfo
     n_texts: Index
     prepend_bos: bool
     weights: list[WeightRobustness]
 
-    @model_validator(mode="after")
-    def _weights_inside(self):
-        _inside(self.model, self.weights, "a weight")
-        return self
+    def coords(self) -> list[Coord]:
+        return self.weights
 
 
 class TrackSpike(Strict):

@@ -40,7 +40,7 @@ HOSTILE_LOCATE = [
     (setter("scan.layers.0.post.value", "big"), "scan.layers[0].post.value: Input should be a"),
     (setter("perplexity.baseline.perplexity", math.nan), "Input should be a finite number"),
     (setter("token_loss.delta.3", math.inf), "token_loss.delta[3]: Input should be a finite"),
-    (setter("candidates.0.layer", 99), "a candidate (layer 99, row 5, col 17) lies outside"),
+    (setter("candidates.0.layer", 99), "a weight (layer 99, row 5, col 17) lies outside"),
     (setter("super_weights.0.row", -1), "greater than or equal to 0"),
     (truncate("scan.layers", 2), "scan.layers must list layers 0..5 in order"),
     (truncate("token_loss.delta", 5), "delta and tokens differ in length"),

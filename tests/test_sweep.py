@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -147,12 +148,25 @@ def test_the_sbatch_script_is_rendered_from_the_sweep_and_is_valid_bash(models):
         ("[sweep]\n", "has no [[runs]]"),
         ("[[runs]]\nmodel = 'gpt2'\n[[runs]]\nmodel = 'gpt2'\n", "two runs share a name"),
         ("[[runs]\n", "is not valid TOML"),
+        # Wrong types anywhere: one line, not a traceback.
+        ("[sweep]\nexperiments = 5\n[[runs]]\nmodel = 'gpt2'\n", "must be a list of strings"),
+        ("runs = 3\n", "'runs' must be an array of tables"),
+        ("runs = [1, 2]\n", "runs[0] must be a table"),
+        ("defaults = 3\n[[runs]]\nmodel = 'gpt2'\n", "[defaults] must be a table"),
+        ("sweep = 'x'\n[[runs]]\nmodel = 'gpt2'\n", "[sweep] must be a table"),
+        ("slurm = []\n[[runs]]\nmodel = 'gpt2'\n", "[slurm] must be a table"),
+        ("[sweep]\nout = 3\n[[runs]]\nmodel = 'gpt2'\n", "out must be a string"),
+        ("[[runs]]\nmodel = 'gpt2'\nname = 7\n", "'name' must be a string"),
+        ("[[runs]]\nmodel = 'gpt2'\nexperiments = 'locate'\n", "must be a list of strings"),
+        ("[[runs]]\nmodel = 'gpt2'\nthreshold = nan\n", "'threshold' must be a finite number"),
+        ("[[runs]]\nmodel = 'gpt2'\nmin_ratio = inf\n", "'min_ratio' must be a finite number"),
+        ("[[runs]]\nmodel = 3\n", "'model' must be str"),
     ],
 )
 def test_a_bad_sweep_file_is_one_line(tmp_path, text, message):
     path = tmp_path / "sweep.toml"
     path.write_text(text)
-    with pytest.raises(SwLensError, match=message.replace("[", r"\[").replace("?", r"\?")):
+    with pytest.raises(SwLensError, match=re.escape(message)):
         load_sweep(path)
 
 
@@ -295,30 +309,6 @@ def test_an_output_folder_that_sbatch_lines_cannot_hold_is_refused(tmp_path, out
     sweep = load_sweep(path, out=tmp_path / out)
     with pytest.raises(SwLensError, match="choose another --out"):
         render_sbatch(sweep, [0], "python", tmp_path)
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("[sweep]\nexperiments = 5\n[[runs]]\nmodel = 'gpt2'\n", "must be a list of strings"),
-        ("runs = 3\n", "'runs' must be an array of tables"),
-        ("runs = [1, 2]\n", r"runs\[0\] must be a table"),
-        ("defaults = 3\n[[runs]]\nmodel = 'gpt2'\n", r"\[defaults\] must be a table"),
-        ("sweep = 'x'\n[[runs]]\nmodel = 'gpt2'\n", r"\[sweep\] must be a table"),
-        ("slurm = []\n[[runs]]\nmodel = 'gpt2'\n", r"\[slurm\] must be a table"),
-        ("[sweep]\nout = 3\n[[runs]]\nmodel = 'gpt2'\n", "out must be a string"),
-        ("[[runs]]\nmodel = 'gpt2'\nname = 7\n", "'name' must be a string"),
-        ("[[runs]]\nmodel = 'gpt2'\nexperiments = 'locate'\n", "must be a list of strings"),
-        ("[[runs]]\nmodel = 'gpt2'\nthreshold = nan\n", "'threshold' must be a finite number"),
-        ("[[runs]]\nmodel = 'gpt2'\nmin_ratio = inf\n", "'min_ratio' must be a finite number"),
-        ("[[runs]]\nmodel = 3\n", "'model' must be str"),
-    ],
-)
-def test_wrong_types_in_a_sweep_file_are_one_line(tmp_path, text, message):
-    path = tmp_path / "sweep.toml"
-    path.write_text(text)
-    with pytest.raises(SwLensError, match=message):
-        load_sweep(path)
 
 
 def test_the_report_names_malformed_run_records_and_a_bad_plan_is_one_line(tmp_path):
