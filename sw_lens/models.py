@@ -24,7 +24,6 @@ from pathlib import Path
 import platformdirs
 import torch
 from jaxtyping import Float
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
@@ -33,7 +32,7 @@ from transformer_lens.model_bridge.sources._hf_format import determine_architect
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from sw_lens import nanogpt
-from sw_lens.errors import SwLensError
+from sw_lens.errors import SwLensError, first_line, untrusted_files
 from sw_lens.packaged import package_file
 from sw_lens.resources import check_count, check_fits
 
@@ -155,17 +154,10 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         raise SwLensError(
             "reading .gguf files needs the 'gguf' package: pip install gguf"
         ) from None
-    try:
+    with untrusted_files(f"cannot read GGUF file {path}"):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise SwLensError(f"cannot read GGUF file {path}: {_first_line(err)}") from None
     return model, tokenizer
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 def _check_architecture(config, name: str) -> None:
@@ -185,33 +177,34 @@ def _load_pretrained(
     """A hub id or HF-format directory; hub ids resolve through the HF cache. The memory it
     needs is checked from its config before any weight is read."""
     config_file = Path(location) / "config.json"
-    try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        if config_file.is_file():  # a local folder: its config.json is there but unreadable
-            raise SwLensError(f"cannot read {config_file}: {_first_line(err)}") from None
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        where = "the local HF cache (HF_HUB_OFFLINE=1)" if offline else "the hub or the HF cache"
-        raise SwLensError(
-            f"unknown model '{name}': not found in {where}; give a hub id, an HF-format "
-            f"directory, a .gguf file, or one of the embedded models: {', '.join(EMBEDDED)}"
-        ) from None
-    except ValueError as err:
-        if "custom code" in str(err) or "trust_remote_code" in str(err):
+    with untrusted_files(f"cannot load '{name}' (config.json)"):  # of wrong types, say
+        try:
+            config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+        except OSError as err:
+            if config_file.is_file():  # a local folder: its config.json is there but unreadable
+                raise SwLensError(f"cannot read {config_file}: {first_line(err)}") from None
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            where = (
+                "the local HF cache (HF_HUB_OFFLINE=1)" if offline else "the hub or the HF cache"
+            )
             raise SwLensError(
-                f"cannot load '{name}': it ships Python code that would have to run; pass "
-                f"--trust-remote-code only if you trust it"
+                f"unknown model '{name}': not found in {where}; give a hub id, an HF-format "
+                f"directory, a .gguf file, or one of the embedded models: {', '.join(EMBEDDED)}"
             ) from None
-        raise SwLensError(f"cannot load '{name}': {_first_line(err)}") from None
-    _check_architecture(config, name)
-    check_fits(config, name, device, dtype, trust_remote_code)
-    try:
+        except ValueError as err:
+            if "custom code" in str(err) or "trust_remote_code" in str(err):
+                raise SwLensError(
+                    f"cannot load '{name}': it ships Python code that would have to run; pass "
+                    f"--trust-remote-code only if you trust it"
+                ) from None
+            raise SwLensError(f"cannot load '{name}': {first_line(err)}") from None
+    with untrusted_files(f"cannot load '{name}'"):
+        _check_architecture(config, name)
+        check_fits(config, name, device, dtype, trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=dtype, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise SwLensError(f"cannot load '{name}': {_first_line(err)}") from None
     return model, tokenizer
 
 
@@ -276,9 +269,10 @@ def load_model(
     # convention first (Llama: BOS; GPT-2, SmolLM2: none), the default of our protocols.
     probe = tokenizer("a")["input_ids"]
     adds_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
-    bridge = TransformerBridge.boot_transformers(
-        location, hf_model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype
-    )
+    with untrusted_files(f"cannot load '{name}'"):
+        bridge = TransformerBridge.boot_transformers(
+            location, hf_model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype
+        )
     bridge.eval()
     _check_hooks(bridge, name)
     return LoadedModel(

@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from sw_lens.errors import SwLensError
+from sw_lens.errors import SwLensError, untrusted_files
 
 PREFIX = "_orig_mod."
 UNK = "<unk>"
@@ -309,11 +309,12 @@ def load_tokenizer(
         meta = read_meta(meta_path)
         digest = hashlib.sha256(meta_path.read_bytes()).hexdigest()[:16]
         return char_tokenizer(meta, cache / "nanogpt-tokenizers" / digest)
-    try:
-        return AutoTokenizer.from_pretrained(given or "gpt2")
-    except (OSError, ValueError):
-        raise SwLensError(
-            f"no tokenizer for {checkpoint_path}: no meta.pkl beside it or in "
-            f"data/{checkpoint.dataset or '<dataset>'}/, and '{given or 'gpt2'}' is not in "
-            f"the HF cache; pass --tokenizer (a meta.pkl, or an HF tokenizer directory)"
-        ) from None
+    with untrusted_files(f"cannot load tokenizer '{given}'"):  # e.g. a malformed one
+        try:
+            return AutoTokenizer.from_pretrained(given or "gpt2")
+        except (OSError, ValueError):
+            raise SwLensError(
+                f"no tokenizer for {checkpoint_path}: no meta.pkl beside it or in "
+                f"data/{checkpoint.dataset or '<dataset>'}/, and '{given or 'gpt2'}' is not "
+                f"in the HF cache; pass --tokenizer (a meta.pkl, or an HF tokenizer directory)"
+            ) from None

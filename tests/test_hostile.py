@@ -2,6 +2,7 @@
 one `error:` line (the last on stderr, after any progress lines), exit code 2, no
 traceback and nothing new under --out."""
 
+import json
 import pickle
 import signal
 import subprocess
@@ -242,3 +243,29 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     assert proc.wait(timeout=60) == 130
     assert proc.stderr.read() == "interrupted: no results were written\n"
     assert not (tmp_path / "out").exists()
+
+
+def edit_json(path, **changes):
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+MODEL_FILES = [
+    ("tokenizer.json", lambda p: p.write_text('{"model": 5}'), "lacks the entry 'added_tokens'"),
+    ("tokenizer.json", lambda p: p.write_text(p.read_text()[:500]), "cannot load"),
+    ("config.json", lambda p: edit_json(p, num_hidden_layers="6"), "num_hidden_layers"),
+    ("config.json", lambda p: edit_json(p, vocab_size=-5), "negative dimension"),
+    ("config.json", lambda p: edit_json(p, num_attention_heads=0), "(config.json)"),
+    ("model.safetensors", lambda p: p.write_bytes((2**62).to_bytes(8, "little") + b"{}"), "header"),
+]
+
+
+@pytest.mark.parametrize(("name", "damage", "message"), MODEL_FILES)
+def test_a_malformed_model_file_is_one_line(llama_dir, tmp_path, name, damage, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    for path in llama_dir.iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    damage(model / name)
+    out = tmp_path / "out"
+    done = run_experiment("locate.py", "--model", model, "--device", "cpu", "--out", out)
+    assert_refused(done, out, message)
