@@ -13,8 +13,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import model_validator
 from transformer_lens.model_bridge import TransformerBridge
 
+from sw_lens.documents import Index, Strict, validate
 from sw_lens.errors import SwLensError
 from sw_lens.locate import Candidate
 from sw_lens.patching import WeightCoord, check_coords, weight_value
@@ -76,29 +78,62 @@ def _key(name: str) -> str:
     return Path(name.rstrip("/")).name.lower()
 
 
+class _Weight(Strict):
+    layer: Index
+    row: Index
+    col: Index
+    source: str
+    published: str = ""
+    value: float | None = None
+
+
+class _Model(Strict):
+    name: str
+    ids: list[str]
+    weights: list[_Weight]
+
+
+class _Source(Strict):
+    cite: str
+
+
+class _Registry(Strict):
+    """The registry file's schema: a file given with --registry is untrusted input."""
+
+    sources: dict[str, _Source]
+    models: list[_Model]
+
+    @model_validator(mode="after")
+    def _cited(self):
+        for model in self.models:
+            for w in model.weights:
+                if w.source not in self.sources:
+                    raise ValueError(f"{model.name}: source '{w.source}' is not in [sources]")
+        return self
+
+
 def load_registry(path: Path | str | None = None) -> list[KnownModel]:
     """The registry's models (the packaged file unless `path`), or a one-line error
     naming the entry that is malformed."""
     path = Path(path) if path else REGISTRY
     data = read_toml(path, "registry")
-    sources = data.get("sources", {})
-    models = []
-    for m, model in enumerate(data.get("models", [])):
-        where = f"registry '{path}', models[{m}]"
-        try:
-            weights = tuple(
+    validate(data, _Registry, f"registry '{path}'")
+    return [
+        KnownModel(
+            model["name"],
+            tuple(model["ids"]),
+            tuple(
                 KnownWeight(
-                    WeightCoord(int(w["layer"]), int(w["row"]), int(w["col"])),
-                    sources[w["source"]]["cite"],
-                    str(w.get("published", "")),
-                    None if w.get("value") is None else float(w["value"]),
+                    WeightCoord(w["layer"], w["row"], w["col"]),
+                    data["sources"][w["source"]]["cite"],
+                    w.get("published", ""),
+                    w.get("value"),
                 )
                 for w in model["weights"]
-            )
-            models.append(KnownModel(str(model["name"]), tuple(model["ids"]), weights))
-        except (KeyError, TypeError, ValueError) as err:
-            raise SwLensError(f"{where} is malformed: missing or bad {err}") from None
-    return models
+            ),
+        )
+        for model in data["models"]
+    ]
 
 
 def lookup(models: list[KnownModel], name: str) -> KnownModel | None:

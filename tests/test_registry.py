@@ -3,6 +3,7 @@ packaged entries are those of the paper and the project, and the check reports
 match / mismatch / not in registry."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -103,13 +104,38 @@ def test_a_registry_coordinate_outside_the_model_is_one_line(tiny):
         check_fits(tiny.bridge, known)
 
 
-def test_a_malformed_registry_names_the_entry(tmp_path):
+SOURCE = '[sources.s]\ncite = "a test"\n'
+ENTRY = (
+    '[[models]]\nname = "m"\nids = ["m"]\nweights = [{ layer = 1, row = 2, col = 3, source = "s"'
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            SOURCE + ENTRY.replace(", col = 3", "") + " }]\n",
+            "lacks the field 'models[0].weights[0].col'",
+        ),
+        ("[[models]\n", "is not valid TOML"),
+        ("models = 5\n" + SOURCE, "models: Input should be a valid list"),
+        (
+            SOURCE + ENTRY + ", value = nan }]\n",
+            "weights[0].value: Input should be a finite number",
+        ),
+        (
+            SOURCE + ENTRY.replace("layer = 1", 'layer = "1"') + " }]\n",
+            "layer: Input should be a valid int",
+        ),
+        (SOURCE + ENTRY.replace("row = 2", "row = -2") + " }]\n", "greater than or equal to 0"),
+        (SOURCE + ENTRY.replace('source = "s"', 'source = "x"') + " }]\n", "source 'x' is not in"),
+        ("sources = 3\n", "sources: Input should be a valid dictionary"),
+    ],
+)
+def test_a_malformed_registry_names_the_entry(tmp_path, text, message):
     path = tmp_path / "bad.toml"
-    path.write_text('[[models]]\nname = "m"\nids = ["m"]\nweights = [{ layer = 1, row = 2 }]\n')
-    with pytest.raises(SwLensError, match=r"models\[0\] is malformed: missing or bad 'col'"):
-        load_registry(path)
-    path.write_text("[[models]\n")
-    with pytest.raises(SwLensError, match="is not valid TOML"):
+    path.write_text(text)
+    with pytest.raises(SwLensError, match=re.escape(message)):
         load_registry(path)
 
 
