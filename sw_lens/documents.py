@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sw_lens.errors import SwLensError
 
 Index = Annotated[int, Field(ge=0)]
+BARS = 200  # rows of a bar chart: one per ablation or control; a file cannot ask for more
 Count = Annotated[int, Field(ge=1)]
 Perplexity = Annotated[float, Field(gt=0)]
 Share = Annotated[float, Field(ge=0, le=1)]
@@ -139,7 +140,7 @@ class Ablation(Strict):
 
 class LocatePerplexity(Strict):
     baseline: PerplexityResult
-    ablations: list[Ablation]
+    ablations: Annotated[list[Ablation], Field(max_length=BARS)]
 
 
 class LayerActivations(Strict):
@@ -264,7 +265,7 @@ class DrawSummary(Strict):
 
 class Controls(Measured):
     kind: Literal["controls"]
-    controls: list[ControlRow]
+    controls: Annotated[list[ControlRow], Field(max_length=BARS)]
     summary: DrawSummary
 
 
