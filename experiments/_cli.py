@@ -26,6 +26,7 @@ from pathlib import Path  # noqa: E402
 import huggingface_hub  # noqa: E402
 import transformers  # noqa: E402
 
+from sw_lens import progress  # noqa: E402
 from sw_lens.corpora import DEFAULT_CORPUS, NAMED  # noqa: E402
 from sw_lens.errors import SwLensError  # noqa: E402
 from sw_lens.locate import Criterion  # noqa: E402
@@ -82,8 +83,34 @@ def run(main: Callable[[], None]) -> None:
         sys.exit(130)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The command's docstring as written, and each default once: not for options without
+    one (None, a flag's False) or whose help already says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if default is None or default is False or default == [] or "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with the house's error format: a usage mistake is one line and exit 2."""
+    """argparse with the house's format: a usage mistake is one line and exit 2; help
+    shows each default once; every command takes --quiet."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+        self.add_argument(
+            "--quiet",
+            action="store_true",
+            help="no progress bars or progress lines (with stderr redirected, a line every "
+            f"{progress.LINE_INTERVAL:.0f} s is the default)",
+        )
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        progress.configure(quiet=parsed.quiet)
+        return parsed, rest
 
     def error(self, message: str):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -137,7 +164,7 @@ def weight_coord(text: str) -> WeightCoord:
 
 def add_loading_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and compute")
     p.add_argument(
         "--tokenizer",
         help="for nanoGPT .pt checkpoints: meta.pkl or an HF tokenizer (default: meta.pkl "
@@ -160,7 +187,7 @@ def add_corpus_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument(
         "--stride", type=positive_int, help="sliding-window stride (default: non-overlapping)"
     )
-    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward")
 
 
 def add_rule_args(p: argparse.ArgumentParser) -> None:
@@ -235,7 +262,7 @@ def add_weight_arg(p: argparse.ArgumentParser, help: str) -> None:
 def experiment_parser(description: str, max_tokens: int) -> argparse.ArgumentParser:
     """The parser of an experiment on super weights: the job's options, and which super
     weights (default: found now by the locate rule)."""
-    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description)
     add_job_args(p, max_tokens)
     add_weight_arg(p, "the super weight")
     p.add_argument(

@@ -4,7 +4,6 @@ check whether later layers re-create it with the weight zeroed, and say which ho
 Writes explain.json and a cumulative-share figure.
 """
 
-import argparse
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from sw_lens.results import SCHEMA_VERSION, provenance
 
 
 def main() -> None:
-    p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--prompt", default=PAPER_PROMPT)
     add_loading_args(p)

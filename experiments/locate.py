@@ -23,7 +23,7 @@ from sw_lens.pipeline import run_locate
 
 
 def parse_args() -> argparse.Namespace:
-    p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__)
     add_job_args(p, max_tokens=4096)
     add_weight_arg(p, "also zero this weight (e.g. a published super weight)")
     p.add_argument(

@@ -18,11 +18,11 @@ from _cli import (
     run,
     save_results,
 )
-from tqdm.auto import tqdm
 
 from sw_lens.figures import quantize_figure
 from sw_lens.perplexity import evaluate
 from sw_lens.pipeline import experiment_document
+from sw_lens.progress import bar
 from sw_lens.quantize import CLIPS, METHODS, Scheme, quantized
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     model, tokens, protocol, corpus = setup.model, setup.tokens, setup.protocol, setup.corpus.name
     baseline = evaluate(model, tokens, protocol, corpus, desc="baseline")
     rows = []
-    for scheme in tqdm(schemes, desc="quantize", unit="setting", disable=None):
+    for scheme in bar(schemes, desc="quantize", unit="setting"):
         with quantized(model, scheme, coords, args.all_linear) as names:
             result = evaluate(model, tokens, protocol, corpus, desc=scheme.describe())
         rows.append(

@@ -30,7 +30,7 @@ from sw_lens.robustness import robustness
 
 
 def parse_args() -> argparse.Namespace:
-    p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument(
         "--text", default=DEFAULT_CORPUS, help=f"sentences from: a file or {', '.join(NAMED)}"

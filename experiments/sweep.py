@@ -33,7 +33,7 @@ from sw_lens.sweep import (
 
 
 def parse_args() -> argparse.Namespace:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     commands = p.add_subparsers(dest="command", required=True)
     for name in ("plan", "local", "slurm", "task"):
         sub = commands.add_parser(name)

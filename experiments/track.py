@@ -4,7 +4,6 @@ super weights the rule finds, with their values. Writes track.json, track.csv an
 figure (spike and super-weight value against training step).
 """
 
-import argparse
 import csv
 import io
 from pathlib import Path
@@ -27,7 +26,7 @@ from sw_lens.track import CSV_COLUMNS, checkpoint_paths, csv_rows, track
 
 
 def main() -> None:
-    p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("checkpoints", nargs="+", help="checkpoint files, or folders of *.pt files")
     p.add_argument("--prompt", default=PAPER_PROMPT, help="text scanned in every checkpoint")
     add_loading_args(p)

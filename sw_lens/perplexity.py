@@ -17,10 +17,10 @@ from itertools import groupby
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from torch import Tensor
-from tqdm.auto import tqdm
+from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 
+from sw_lens import progress
 from sw_lens.errors import NonFiniteActivation, SwLensError
 from sw_lens.fast import decoder_layers, hf_twin, layers_from, twin_ablation
 from sw_lens.patching import EditedColumns, Restore, WeightCoord, column_edits, edit_hooks
@@ -177,13 +177,21 @@ def _result(
 
 
 def _progress(
-    cut: list[Window], protocol: Protocol, device, desc: str
+    cut: list[Window], protocol: Protocol, device, desc: str, layers: Sequence[nn.Module] = ()
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """(input_ids, targets) per batch, on `device`, with a progress bar on a terminal."""
-    batches = list(_batches(cut, protocol.batch_size))
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
-        input_ids = torch.stack([w.input_ids for w in batch]).to(device)
-        yield input_ids, torch.stack([w.targets for w in batch]).to(device)
+    """(input_ids, targets) per batch, on `device`, with progress in windows
+    (`sw_lens.progress`): advanced per decoder layer when the forward's `layers` are
+    given, else once the caller asks for the next batch."""
+    with progress.bar(desc=desc, unit="window", total=len(cut)) as shown:
+        with progress.per_layer(shown, layers) as carrying:
+            for batch in _batches(cut, protocol.batch_size):
+                carrying(len(batch))
+                yield (
+                    torch.stack([w.input_ids for w in batch]).to(device),
+                    torch.stack([w.targets for w in batch]).to(device),
+                )
+                if not layers:
+                    shown.update(len(batch))
 
 
 def evaluate(
@@ -217,7 +225,8 @@ def evaluate(
     losses = []
     with torch.inference_mode(), context as twin:
         run = forward or (lambda ids: twin(ids).logits)
-        for input_ids, targets in _progress(cut, protocol, model.cfg.device, desc):
+        layers = model.blocks if forward else getattr(*decoder_layers(model, twin))
+        for input_ids, targets in _progress(cut, protocol, model.cfg.device, desc, layers):
             losses.append(_nll(run(input_ids), targets))
     return _result(model, corpus, protocol, losses, cut, edits)
 

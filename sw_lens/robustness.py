@@ -25,11 +25,11 @@ from statistics import median
 
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.locate import Criterion, apply_rule
 from sw_lens.patching import WeightCoord, check_coords
+from sw_lens.progress import bar
 from sw_lens.scan import column_maxima, scan
 
 TOKEN_KINDS = ("BOS", "first token", "delimiter", "other")
@@ -99,7 +99,7 @@ def robustness(
     check_coords(model, weights)
     top: list[WeightCoord | None] = []
     named: list[set[WeightCoord]] = []
-    for ids in tqdm(texts, desc="scan texts", unit="text", leave=False, disable=None):
+    for ids in bar(texts, desc="scan texts", unit="text"):
         result = scan(model, [ids], prepend_bos)
         s = max(result.layers, key=lambda s: s.mlp_out.magnitude)
         paired = s.post.pos == s.mlp_out.pos
@@ -108,7 +108,7 @@ def robustness(
         named.append({c.coord for c in found})
     coords = sorted(set().union(*named) | set(weights))
     firings: dict[WeightCoord, list[Firing]] = {c: [] for c in coords}
-    for text, ids in enumerate(tqdm(texts, desc="measure", leave=False, disable=None)):
+    for text, ids in enumerate(bar(texts, desc="measure", unit="text")):
         for c, (value, pos, post) in column_maxima(model, ids, coords).items():
             token = model.tokenizer.decode([int(ids[pos])])
             firings[c].append(

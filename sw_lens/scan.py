@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import NonFiniteActivation, SwLensError
 from sw_lens.patching import WeightCoord, by_layer
+from sw_lens.progress import bar
 
 POST = "blocks.{}.mlp.hook_post"
 MLP_OUT = "blocks.{}.hook_mlp_out"
@@ -172,8 +172,7 @@ def scan(
     check_texts(texts)
     reducer = SpikeReducer(model)
     has_resid_mid = RESID_MID.format(0) in model.hook_dict
-    progress = tqdm(texts, desc="scan", leave=False, disable=len(texts) < 8 or None)
-    for text, ids in enumerate(progress):
+    for text, ids in enumerate(texts if len(texts) < 8 else bar(texts, desc="scan", unit="text")):
         # Ablations first: the reducer must see their effect.
         hooks = [*fwd_hooks, *_reducer_hooks(reducer, text, ids, has_resid_mid)]
         with torch.inference_mode(), contextlib.suppress(_ScanDone):
