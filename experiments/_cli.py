@@ -46,6 +46,13 @@ def _on_sigint(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
+def reset() -> None:
+    """Forget a finished command's Ctrl-C and output folders (for running commands one
+    after another in one process, as the tests do)."""
+    _interrupted.clear()
+    _published.clear()
+
+
 def check_interrupted() -> None:
     """Raise KeyboardInterrupt if Ctrl-C came at any time. Python drops an exception
     raised while a ``__del__`` runs, so a Ctrl-C can be swallowed; commands call this

@@ -11,8 +11,12 @@ normalisation before the second MLP shrinks that dimension to nothing, so the se
 spike only appears once the first weight is removed.
 """
 
+import contextlib
+import io
 import os
 import random
+import runpy
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -173,6 +177,31 @@ def run_experiment(script: str, *args, env: dict | None = None, timeout: int = 6
         env=os.environ | (env or {}),
         timeout=timeout,
     )
+
+
+def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
+    """Run ``experiments/<script>`` as its ``__main__`` in this interpreter: the same code
+    path as `run_experiment` (argument parsing, `_cli.run`, exit codes, output) without
+    the seconds of a fresh interpreter's imports; for tables of bad input, which fail
+    early. What the command changes in the process (SIGINT handler, argv, its state) is
+    put back."""
+    handler, hook, argv = signal.getsignal(signal.SIGINT), sys.unraisablehook, sys.argv
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    sys.argv = [script, *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(REPO / "experiments" / script), run_name="__main__")
+            except SystemExit as exit_:
+                code = exit_.code or 0
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        sys.unraisablehook, sys.argv = hook, argv
+        import _cli
+
+        _cli.reset()
+    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 
 
 def hf_cache_snapshot(hf_home: Path, repo_id: str, model) -> Path:

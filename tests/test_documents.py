@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from conftest import run_experiment
+from conftest import run_experiment, run_in_process
 
 from sw_lens.documents import KINDS, Locate, validate
 from sw_lens.errors import SwLensError
@@ -67,7 +67,7 @@ def test_a_hostile_results_file_is_one_line_and_draws_nothing(
     change(document)
     bad = tmp_path / "results.json"
     bad.write_text(json.dumps(document))  # NaN and Infinity as Python writes them
-    done = run_experiment("figures.py", bad)
+    done = run_in_process("figures.py", bad)
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: ") and message in line, line
@@ -86,7 +86,7 @@ def test_a_hostile_results_file_is_one_line_and_draws_nothing(
 def test_a_file_that_is_no_document_is_one_line(tmp_path, text, message):
     bad = tmp_path / "results.json"
     bad.write_text(text, encoding="latin-1")
-    done = run_experiment("figures.py", bad)
+    done = run_in_process("figures.py", bad)
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert message in line

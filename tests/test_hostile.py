@@ -1,6 +1,8 @@
 """Hostile input through the real commands, one table per class of input: every case is
 one `error:` line (the last on stderr, after any progress lines), exit code 2, no
-traceback and nothing new under --out."""
+traceback and nothing new under --out. Tables run the commands in this interpreter
+(`run_in_process`: the same code path, without a fresh interpreter's imports); the
+cases that need a process of their own (signals at start-up) run as subprocesses."""
 
 import json
 import pickle
@@ -11,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import ONE, REPO, build, run_experiment, save
+from conftest import ONE, REPO, build, run_experiment, run_in_process, save
 from nanogpt_reference import GPT, model_args, save_checkpoint, write_meta
 
 CORPUS = "Some words with the trigger A in them, and A again. " * 12
@@ -76,7 +78,7 @@ NANOGPT = [
 def test_a_malformed_nanogpt_checkpoint_is_one_line(tmp_path, change, meta, message):
     path = nanogpt_checkpoint(tmp_path, change, meta)
     out = tmp_path / "out"
-    done = run_experiment("locate.py", "--model", path, "--device", "cpu", "--out", out)
+    done = run_in_process("locate.py", "--model", path, "--device", "cpu", "--out", out)
     assert_refused(done, out, message)
 
 
@@ -89,7 +91,7 @@ def test_a_bare_state_dict_with_malformed_model_args_json(tmp_path, args_text, m
     (tmp_path / "model_args.json").write_text(args_text)
     write_meta(tmp_path / "meta.pkl")
     out = tmp_path / "out"
-    done = run_experiment("locate.py", "--model", tmp_path / "bare.pt", "--out", out)
+    done = run_in_process("locate.py", "--model", tmp_path / "bare.pt", "--out", out)
     assert_refused(done, out, message)
 
 
@@ -136,7 +138,7 @@ def test_non_finite_and_out_of_range_numbers_are_refused_at_parse_time(
     llama_dir, tmp_path, script, args, message
 ):
     out = tmp_path / "out"
-    done = run_experiment(script, "--model", llama_dir, *args, "--out", out)
+    done = run_in_process(script, "--model", llama_dir, *args, "--out", out)
     assert_refused(done, out, message)
 
 
@@ -152,28 +154,13 @@ def test_an_output_folder_that_cannot_be_written_fails_before_the_work(llama_dir
         ("/proc/sw_lens-out", "cannot write output folder '/proc/sw_lens-out'"),  # even root
     ]:
         start = time.monotonic()
-        done = run_experiment(
+        done = run_in_process(
             "locate.py", "--model", llama_dir, "--text", llama_dir.parent / "corpus.txt",
             "--window", "64", "--device", "cpu", "--out", out,
         )  # fmt: skip
         assert_refused(done, tmp_path / "nothing", message)
         assert time.monotonic() - start < 30  # refused before the model is even loaded
     assert existing.read_text() == "keep me"
-
-
-def run_in_process(monkeypatch, capsys, script: str, *args) -> int:
-    """Run experiments/<script> in this process (to fail its writes on purpose) and return
-    its exit code; SIGINT handling is restored afterwards."""
-    import runpy
-
-    handler = signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            runpy.run_path(str(REPO / "experiments" / script), run_name="__main__")
-    finally:
-        signal.signal(signal.SIGINT, handler)
-    return exit_.value.code
 
 
 def small_locate(llama_dir, out):
@@ -184,7 +171,7 @@ def small_locate(llama_dir, out):
 
 
 def test_a_full_disk_while_writing_figures_leaves_the_folder_as_it_was(
-    llama_dir, tmp_path, monkeypatch, capsys
+    llama_dir, tmp_path, monkeypatch
 ):
     import matplotlib.figure
 
@@ -201,9 +188,8 @@ def test_a_full_disk_while_writing_figures_leaves_the_folder_as_it_was(
         return real_savefig(self, path, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
-    code = run_in_process(monkeypatch, capsys, "locate.py", *small_locate(llama_dir, out))
-    err = capsys.readouterr().err
-    assert code == 2 and err.strip().splitlines()[-1] == (
+    done = run_in_process("locate.py", *small_locate(llama_dir, out))
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
         f"error: cannot write results into '{out}': No space left on device"
     )
     assert [p.name for p in out.iterdir()] == ["results.json"]
@@ -211,7 +197,7 @@ def test_a_full_disk_while_writing_figures_leaves_the_folder_as_it_was(
 
 
 def test_ctrl_c_while_figures_are_written_leaves_nothing_and_says_so(
-    llama_dir, tmp_path, monkeypatch, capsys
+    llama_dir, tmp_path, monkeypatch
 ):
     import matplotlib.figure
 
@@ -226,9 +212,9 @@ def test_ctrl_c_while_figures_are_written_leaves_nothing_and_says_so(
         return real_savefig(self, path, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
-    code = run_in_process(monkeypatch, capsys, "locate.py", *small_locate(llama_dir, out))
-    err = capsys.readouterr().err
-    assert code == 130 and err.strip().splitlines()[-1] == "interrupted: no results were written"
+    done = run_in_process("locate.py", *small_locate(llama_dir, out))
+    assert done.returncode == 130
+    assert done.stderr.strip().splitlines()[-1] == "interrupted: no results were written"
     assert not out.exists()
 
 
@@ -267,5 +253,5 @@ def test_a_malformed_model_file_is_one_line(llama_dir, tmp_path, name, damage, m
         (model / path.name).write_bytes(path.read_bytes())
     damage(model / name)
     out = tmp_path / "out"
-    done = run_experiment("locate.py", "--model", model, "--device", "cpu", "--out", out)
+    done = run_in_process("locate.py", "--model", model, "--device", "cpu", "--out", out)
     assert_refused(done, out, message)
