@@ -74,11 +74,18 @@ class ScanResult:
 
 
 def _check_finite(act: Tensor, name: str) -> None:
-    if not torch.isfinite(act).all():
-        raise NonFiniteActivation(
-            f"{name} has inf/NaN values in {act.dtype} (first layer where it happens): "
-            f"the super activation overflowed; use --dtype bfloat16 or float32"
-        )
+    """inf/NaN at the first hook where it appears, with the likely cause: in a 16-bit
+    dtype a super activation overflowing, in float32 non-finite weights in the file."""
+    if torch.isfinite(act).all():
+        return
+    cause = (
+        "the super activation overflowed; use --dtype bfloat16 or float32"
+        if act.dtype in (torch.float16, torch.bfloat16)
+        else "the checkpoint's weights up to this layer hold inf/NaN, or it overflows float32"
+    )
+    raise NonFiniteActivation(
+        f"{name} has inf/NaN values in {act.dtype} (first layer where it happens): {cause}"
+    )
 
 
 def _max_abs(act: Float[Tensor, "pos channel"]) -> tuple[float, int, int]:

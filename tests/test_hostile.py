@@ -255,3 +255,19 @@ def test_a_malformed_model_file_is_one_line(llama_dir, tmp_path, name, damage, m
     out = tmp_path / "out"
     done = run_in_process("locate.py", "--model", model, "--device", "cpu", "--out", out)
     assert_refused(done, out, message)
+
+
+def test_non_finite_weights_are_named_at_their_first_layer(tmp_path):
+    model = build("llama", [ONE])
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")
+    path = save(model, tmp_path / "nan-weights")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    out = tmp_path / "out"
+    done = run_in_process(
+        *("locate.py", "--model", path, "--text", corpus, "--window", "64"),
+        *("--device", "cpu", "--out", out),
+    )
+    assert_refused(done, out, "blocks.2.hook_mlp_out has inf/NaN values in torch.float32")
+    assert "the checkpoint's weights up to this layer hold inf/NaN" in done.stderr
