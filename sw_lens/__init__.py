@@ -9,9 +9,10 @@ from sw_lens.errors import NonFiniteActivation, SwLensError
 from sw_lens.layer_major import scan_layer_major
 from sw_lens.locate import Candidate, Criterion, LocateResult, locate, rank_by_effect
 from sw_lens.models import LoadedModel, load_model
-from sw_lens.patching import WeightCoord, ablation_hooks, edited_weights
+from sw_lens.patching import ablation_hooks, edited_weights
 from sw_lens.perplexity import PerplexityResult, Protocol, evaluate, evaluate_sweep
 from sw_lens.scan import ScanResult, scan, scan_with_cache
+from sw_lens.vocabulary import WeightCoord
 
 __all__ = [
     "Candidate",

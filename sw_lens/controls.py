@@ -19,8 +19,9 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import SwLensError
-from sw_lens.patching import WeightCoord, by_layer, check_coords, weight_value
+from sw_lens.patching import by_layer, check_coords, weight_value
 from sw_lens.perplexity import PerplexityResult, Protocol, evaluate_sweep
+from sw_lens.vocabulary import WeightCoord
 
 
 def _coord(layer: int, flat: int, d_model: int) -> WeightCoord:

@@ -15,7 +15,8 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from sw_lens.patching import WeightCoord, ablation_hooks, check_coords
+from sw_lens.patching import ablation_hooks, check_coords
+from sw_lens.vocabulary import WeightCoord, hook_down_out, hook_post, hook_resid_post
 
 ONE_WEIGHT = 0.5  # top-1 product's share of the spike to call it one weight
 BIAS = 0.5  # bias share to call it bias-made
@@ -53,14 +54,14 @@ def decompose(
     """Decompose the down-projection output of `layer` at output channel `row`, at `pos`
     (default: the token where |mlp_out[:, row]| is largest)."""
     check_coords(model, [WeightCoord(layer, row, 0)])
-    names = {f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.mlp.out.hook_out"}
-    names |= {f"blocks.{later}.hook_resid_post" for later in range(layer, model.cfg.n_layers)}
+    names = {hook_post(layer), hook_down_out(layer)}
+    names |= {hook_resid_post(later) for later in range(layer, model.cfg.n_layers)}
     with torch.inference_mode():
         _, cache = model.run_with_cache(
             ids[None].to(model.cfg.device), names_filter=names.__contains__
         )
-    post = cache[f"blocks.{layer}.mlp.hook_post"][0].double()
-    out = cache[f"blocks.{layer}.mlp.out.hook_out"][0, :, row].double()
+    post = cache[hook_post(layer)][0].double()
+    out = cache[hook_down_out(layer)][0, :, row].double()
     pos = int(out.abs().argmax()) if pos is None else pos
     mlp = model.blocks[layer].mlp
     column = mlp.W_out.detach()[:, row].double()
@@ -72,7 +73,7 @@ def decompose(
     shares = (products[order].cumsum(0) / total).tolist()
     top_col = int(order[0])
     residual = [
-        float(cache[f"blocks.{later}.hook_resid_post"][0, pos, row])
+        float(cache[hook_resid_post(later)][0, pos, row])
         for later in range(layer, model.cfg.n_layers)
     ]
     hooks = ablation_hooks(model, [WeightCoord(layer, row, top_col)])
@@ -81,7 +82,7 @@ def decompose(
             ids[None].to(model.cfg.device), names_filter=names.__contains__
         )
     residual_ablated = [
-        float(ablated_cache[f"blocks.{later}.hook_resid_post"][0, pos, row])
+        float(ablated_cache[hook_resid_post(later)][0, pos, row])
         for later in range(layer, model.cfg.n_layers)
     ]
     result = Decomposition(

@@ -24,8 +24,8 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from sw_lens.errors import SwLensError
-from sw_lens.models import down_proj_parameter
 from sw_lens.patching import EditedColumns
+from sw_lens.vocabulary import down_proj_parameter
 
 _TWINS: "weakref.WeakKeyDictionary[TransformerBridge, PreTrainedModel]" = (
     weakref.WeakKeyDictionary()

@@ -24,6 +24,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 from sw_lens import pages  # noqa: E402
 from sw_lens.errors import SwLensError  # noqa: E402
 from sw_lens.results import write_atomic  # noqa: E402
+from sw_lens.vocabulary import hook_mlp_out, hook_post  # noqa: E402
 
 COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
 DPI = 300
@@ -93,8 +94,8 @@ def _figure(height: float, ncols: int = 1):
 
 
 HOOKS = {
-    "post": ("down_proj_input_max", "blocks.{l}.mlp.hook_post", "down-projection input"),
-    "mlp_out": ("down_proj_output_max", "blocks.{l}.hook_mlp_out", "down-projection output"),
+    "post": ("down_proj_input_max", hook_post("l"), "down-projection input"),
+    "mlp_out": ("down_proj_output_max", hook_mlp_out("l"), "down-projection output"),
 }
 
 
@@ -139,8 +140,8 @@ def spike_heatmap(document: dict, out_dir: Path) -> list[Path]:
     layer, tokens = acts["layer"], acts["tokens"][:HEATMAP_TOKENS]  # a long prompt: its start
     fig, axes = _figure(0.9 + 0.12 * len(tokens), ncols=2)
     for ax, key, hook in (
-        (axes[0], "post", f"blocks.{layer}.mlp.hook_post"),
-        (axes[1], "mlp_out", f"blocks.{layer}.hook_mlp_out"),
+        (axes[0], "post", hook_post(layer)),
+        (axes[1], "mlp_out", hook_mlp_out(layer)),
     ):
         values = np.array(acts[key][: len(tokens)])
         limit = float(np.abs(values).max()) or 1.0

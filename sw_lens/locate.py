@@ -30,10 +30,10 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from sw_lens.models import down_proj_parameter
-from sw_lens.patching import WeightCoord, ablation_hooks, weight_value
+from sw_lens.patching import ablation_hooks, weight_value
 from sw_lens.perplexity import PerplexityResult, Protocol, evaluate_sweep
 from sw_lens.scan import LayerSpikes, ScanResult, Spike, scan
+from sw_lens.vocabulary import WeightCoord, down_proj_parameter, stored_index
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ def apply_rule(
 
 def _candidate(model: TransformerBridge, s: LayerSpikes, iteration: int) -> Candidate:
     coord = WeightCoord(s.layer, row=s.mlp_out.channel, col=s.post.channel)
-    hf_param, transposed = down_proj_parameter(model, s.layer)
-    hf_index = (coord.row, coord.col) if transposed else (coord.col, coord.row)
+    hf_param, linear = down_proj_parameter(model, s.layer)
+    hf_index = stored_index(coord, linear)
     return Candidate(
         coord=coord,
         value=weight_value(model, coord),

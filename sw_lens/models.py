@@ -23,9 +23,7 @@ from pathlib import Path
 
 import platformdirs
 import torch
-from jaxtyping import Float
 from safetensors.torch import save_file
-from torch import Tensor
 from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
@@ -35,6 +33,14 @@ from sw_lens import nanogpt
 from sw_lens.errors import SwLensError, first_line, untrusted_files
 from sw_lens.packaged import package_file
 from sw_lens.resources import check_count, check_fits
+from sw_lens.vocabulary import (
+    WeightCoord,
+    down_proj_parameter,
+    hook_down_out,
+    hook_mlp_out,
+    hook_post,
+    stored_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +216,7 @@ def _load_pretrained(
 
 def _check_hooks(bridge: TransformerBridge, name: str) -> None:
     """Everything in sw_lens reads the down-projection's input and output hooks."""
-    needed = ["blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out", "blocks.0.mlp.out.hook_out"]
+    needed = [hook_post(0), hook_mlp_out(0), hook_down_out(0)]
     missing = [hook for hook in needed if hook not in bridge.hook_dict]
     if missing:
         raise SwLensError(
@@ -292,8 +298,8 @@ def _hf_checkpoint_weight(bridge: TransformerBridge):
     """Checkpoint coordinates of a weight when the checkpoint is the HF model itself."""
 
     def where(layer: int, row: int, col: int) -> tuple[str, tuple[int, int]]:
-        name, transposed = down_proj_parameter(bridge, layer)
-        return name, (row, col) if transposed else (col, row)
+        name, linear = down_proj_parameter(bridge, layer)
+        return name, stored_index(WeightCoord(layer, row, col), linear)
 
     return where
 
@@ -312,19 +318,3 @@ def _load_nanogpt(path: Path, tokenizer_name: str | None, device: torch.device, 
             f"{model.config.vocab_size}: wrong --tokenizer?"
         )
     return model, tokenizer, checkpoint.iter_num
-
-
-def down_proj_parameter(bridge: TransformerBridge, layer: int) -> tuple[str, bool]:
-    """The HF parameter behind ``blocks[layer].mlp.W_out`` and whether it is stored
-    transposed (``nn.Linear``: ``down_proj.weight`` is ``W_out.T``; GPT-2's ``Conv1D``:
-    ``c_proj.weight`` is ``W_out`` itself).
-
-    Found by storage identity, not by architecture name, so it holds for every model the
-    bridge supports.
-    """
-    w_out: Float[Tensor, "d_mlp d_model"] = bridge.blocks[layer].mlp.W_out
-    for name, param in bridge.original_model.named_parameters():
-        if param.data_ptr() == w_out.data_ptr() and param.numel() == w_out.numel():
-            transposed = param.stride() != w_out.stride()
-            return name.replace("._original_component", ""), transposed
-    raise SwLensError(f"layer {layer}: W_out shares storage with no HF parameter")

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from sw_lens.errors import SwLensError, untrusted_files
+from sw_lens.vocabulary import WeightCoord, stored_index
 
 PREFIX = "_orig_mod."
 UNK = "<unk>"
@@ -234,7 +235,8 @@ def to_gpt2(checkpoint: Checkpoint) -> GPT2LMHeadModel:
 def checkpoint_weight(layer: int, row: int, col: int) -> tuple[str, tuple[int, int]]:
     """Where a super weight lives in the nanoGPT checkpoint: ``c_proj`` is an
     ``nn.Linear``, [out, in], so HF's [row, col] order holds."""
-    return f"transformer.h.{layer}.mlp.c_proj.weight", (row, col)
+    index = stored_index(WeightCoord(layer, row, col), linear=True)
+    return f"transformer.h.{layer}.mlp.c_proj.weight", index
 
 
 class _PlainUnpickler(pickle.Unpickler):

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from sw_lens.patching import WeightCoord, weight_value
+from sw_lens.patching import weight_value
+from sw_lens.vocabulary import WeightCoord
 
 
 @dataclass

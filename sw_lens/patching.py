@@ -21,7 +21,6 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from einops import einsum
@@ -31,25 +30,9 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import SwLensError
+from sw_lens.vocabulary import WeightCoord, hook_down_out, hook_post
 
 FwdHook = tuple[str, Callable]
-
-
-@dataclass(frozen=True, order=True)
-class WeightCoord:
-    """One scalar of a down-projection: HF ``down_proj.weight[row, col]`` in `layer`."""
-
-    layer: int
-    row: int  # output channel, d_model
-    col: int  # input channel, d_mlp
-
-    @property
-    def w_out_index(self) -> tuple[int, int, int]:
-        """TransformerLens ``W_out[layer][col, row]``."""
-        return (self.layer, self.col, self.row)
-
-    def __str__(self) -> str:
-        return f"layer {self.layer} down_proj.weight[{self.row}, {self.col}]"
 
 
 def check_coords(model: TransformerBridge, coords: Iterable[WeightCoord]) -> None:
@@ -180,8 +163,8 @@ def edit_hooks(edits: Mapping[int, EditedColumns]) -> list[FwdHook]:
         # Bound by default arguments: inside a hook, `hook.name` may be the canonical name
         # (`mlp.out.hook_in`) rather than the alias registered here.
         hooks += [
-            (f"blocks.{layer}.mlp.hook_post", keep_post),
-            (f"blocks.{layer}.mlp.out.hook_out", patch),
+            (hook_post(layer), keep_post),
+            (hook_down_out(layer), patch),
         ]
     return hooks
 

@@ -23,7 +23,8 @@ from transformer_lens.model_bridge import TransformerBridge
 from sw_lens import progress
 from sw_lens.errors import NonFiniteActivation, SwLensError
 from sw_lens.fast import decoder_layers, hf_twin, layers_from, twin_ablation
-from sw_lens.patching import EditedColumns, Restore, WeightCoord, column_edits, edit_hooks
+from sw_lens.patching import EditedColumns, Restore, column_edits, edit_hooks
+from sw_lens.vocabulary import WeightCoord
 
 IGNORE = -100
 

@@ -19,7 +19,7 @@ from sw_lens.errors import SwLensError
 from sw_lens.locate import Candidate, Criterion, LocateResult, locate, rank_by_effect
 from sw_lens.models import DEFAULT_MODEL, LoadedModel, load_model
 from sw_lens.outliers import weight_distribution
-from sw_lens.patching import WeightCoord, ablation_hooks, check_coords, weight_value
+from sw_lens.patching import ablation_hooks, check_coords, weight_value
 from sw_lens.perplexity import (
     PerplexityResult,
     Protocol,
@@ -39,6 +39,7 @@ from sw_lens.registry import (
 )
 from sw_lens.results import SCHEMA_VERSION, provenance, read_json
 from sw_lens.scan import ScanResult, layer_activations
+from sw_lens.vocabulary import WeightCoord
 
 log = logging.getLogger(__name__)
 

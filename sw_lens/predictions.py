@@ -13,7 +13,8 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.fast import twin_ablation
-from sw_lens.patching import WeightCoord, column_edits
+from sw_lens.patching import column_edits
+from sw_lens.vocabulary import WeightCoord
 
 CASE_STUDY_PROMPT = "Summer is hot. Winter is"
 

@@ -28,8 +28,8 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import SwLensError
-from sw_lens.models import down_proj_parameter
-from sw_lens.patching import WeightCoord, by_layer, check_coords
+from sw_lens.patching import by_layer, check_coords
+from sw_lens.vocabulary import WeightCoord, down_proj_parameter
 
 METHODS = ("plain", "clipped", "clipped + super weight")
 CLIPS = ("zscore", "percentile")

@@ -3,7 +3,8 @@ what sw_lens found against them.
 
 The same scalar has four names. The registry (``data/known_super_weights.toml``) uses
 one, HF ``nn.Linear`` ``down_proj.weight[row, col]`` ([out, in]), the same as
-`WeightCoord`; `to_layout` / `from_layout` convert to and from the others, so a
+`WeightCoord`; `sw_lens.vocabulary.to_layout` / `from_layout` convert to and from the
+others, so a
 coordinate quoted from GPT-2's ``Conv1D``, a nanoGPT checkpoint or TransformerLens
 ``W_out`` is never transposed by hand. The original project's GPT-2 claim shows why
 this matters: "row 447, col 666" in nanoGPT's layout is ``W_out[2][666, 447]``.
@@ -19,43 +20,12 @@ from transformer_lens.model_bridge import TransformerBridge
 from sw_lens.documents import Index, Strict, validate
 from sw_lens.errors import SwLensError
 from sw_lens.locate import Candidate
-from sw_lens.patching import WeightCoord, check_coords, weight_value
+from sw_lens.patching import check_coords, weight_value
 from sw_lens.results import read_toml
+from sw_lens.vocabulary import WeightCoord, describe
 
 REGISTRY = Path(__file__).parent / "data" / "known_super_weights.toml"
 CONVENTION = "HF down_proj.weight[row, col] (nn.Linear, [out, in])"
-
-# layout -> (what it indexes, whether its index is (col, row) rather than (row, col))
-LAYOUTS: dict[str, tuple[str, bool]] = {
-    "hf_linear": ("model.layers.{layer}.mlp.down_proj.weight[{i}, {j}]", False),
-    "nanogpt_linear": ("transformer.h.{layer}.mlp.c_proj.weight[{i}, {j}]", False),
-    "gpt2_conv1d": ("transformer.h.{layer}.mlp.c_proj.weight[{i}, {j}]", True),
-    "tl_w_out": ("blocks[{layer}].mlp.W_out[{i}, {j}]", True),
-}
-
-
-def _layout(layout: str) -> tuple[str, bool]:
-    if layout not in LAYOUTS:
-        raise SwLensError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    return LAYOUTS[layout]
-
-
-def to_layout(coord: WeightCoord, layout: str) -> tuple[int, int, int]:
-    """(layer, i, j) such that the weight is ``tensor[i, j]`` of that layout's tensor."""
-    i, j = (coord.col, coord.row) if _layout(layout)[1] else (coord.row, coord.col)
-    return coord.layer, i, j
-
-
-def from_layout(layout: str, layer: int, i: int, j: int) -> WeightCoord:
-    """The weight at ``tensor[i, j]`` of `layout`'s tensor in `layer`."""
-    _, transposed = _layout(layout)
-    return WeightCoord(layer, row=j, col=i) if transposed else WeightCoord(layer, row=i, col=j)
-
-
-def describe(coord: WeightCoord, layout: str) -> str:
-    """The weight written in `layout`, e.g. ``blocks[2].mlp.W_out[666, 447]``."""
-    layer, i, j = to_layout(coord, layout)
-    return _layout(layout)[0].format(layer=layer, i=i, j=j)
 
 
 @dataclass(frozen=True)

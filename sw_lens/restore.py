@@ -20,9 +20,9 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import SwLensError
-from sw_lens.patching import WeightCoord
 from sw_lens.perplexity import PerplexityResult, Protocol, evaluate, evaluate_sweep
 from sw_lens.scan import column_maxima
+from sw_lens.vocabulary import WeightCoord
 
 
 @dataclass

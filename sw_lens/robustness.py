@@ -28,9 +28,10 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.locate import Criterion, apply_rule
-from sw_lens.patching import WeightCoord, check_coords
+from sw_lens.patching import check_coords
 from sw_lens.progress import bar
 from sw_lens.scan import column_maxima, scan
+from sw_lens.vocabulary import WeightCoord
 
 TOKEN_KINDS = ("BOS", "first token", "delimiter", "other")
 

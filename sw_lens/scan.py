@@ -26,12 +26,9 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import NonFiniteActivation, SwLensError
-from sw_lens.patching import WeightCoord, by_layer
+from sw_lens.patching import by_layer
 from sw_lens.progress import bar
-
-POST = "blocks.{}.mlp.hook_post"
-MLP_OUT = "blocks.{}.hook_mlp_out"
-RESID_MID = "blocks.{}.hook_resid_mid"
+from sw_lens.vocabulary import WeightCoord, hook_mlp_out, hook_post, hook_resid_mid
 
 
 @dataclass
@@ -121,10 +118,10 @@ class SpikeReducer:
         """Fold in one layer's activations of text `text` at positions ``offset..`` (the
         whole text, or a chunk of it)."""
         if post is not None:
-            spike = self._beats(self.post[layer], POST.format(layer), post, text, ids, offset)
+            spike = self._beats(self.post[layer], hook_post(layer), post, text, ids, offset)
             self.post[layer] = spike or self.post[layer]
         if mlp_out is not None:
-            spike = self._beats(self.out[layer], MLP_OUT.format(layer), mlp_out, text, ids, offset)
+            spike = self._beats(self.out[layer], hook_mlp_out(layer), mlp_out, text, ids, offset)
             if spike is not None:
                 self.out[layer] = spike
                 self.resid[layer] = (
@@ -178,7 +175,7 @@ def scan(
     is recorded) with `fwd_hooks` active, e.g. ablations from `patching`."""
     check_texts(texts)
     reducer = SpikeReducer(model)
-    has_resid_mid = RESID_MID.format(0) in model.hook_dict
+    has_resid_mid = hook_resid_mid(0) in model.hook_dict
     for text, ids in enumerate(texts if len(texts) < 8 else bar(texts, desc="scan", unit="text")):
         # Ablations first: the reducer must see their effect.
         hooks = [*fwd_hooks, *_reducer_hooks(reducer, text, ids, has_resid_mid)]
@@ -213,8 +210,8 @@ def _reducer_hooks(reducer: SpikeReducer, text: int, ids: Tensor, has_resid_mid:
                 raise _ScanDone
 
         if has_resid_mid:
-            hooks.append((RESID_MID.format(layer), on_resid_mid))
-        hooks += [(POST.format(layer), on_post), (MLP_OUT.format(layer), on_mlp_out)]
+            hooks.append((hook_resid_mid(layer), on_resid_mid))
+        hooks += [(hook_post(layer), on_post), (hook_mlp_out(layer), on_mlp_out)]
     return hooks
 
 
@@ -227,7 +224,9 @@ def scan_with_cache(
     check_texts(texts)
     reducer = SpikeReducer(model)
     names = {
-        f.format(layer) for layer in range(model.cfg.n_layers) for f in (POST, MLP_OUT, RESID_MID)
+        name(layer)
+        for layer in range(model.cfg.n_layers)
+        for name in (hook_post, hook_mlp_out, hook_resid_mid)
     }
     caches = []
     for text, ids in enumerate(texts):
@@ -236,13 +235,13 @@ def scan_with_cache(
                 ids[None].to(model.cfg.device), names_filter=names.__contains__
             )
         for layer in range(model.cfg.n_layers):
-            resid = cache[RESID_MID.format(layer)][0] if RESID_MID.format(layer) in cache else None
+            resid = cache[hook_resid_mid(layer)][0] if hook_resid_mid(layer) in cache else None
             reducer.update(
                 layer,
                 text,
                 ids,
-                post=cache[POST.format(layer)][0],
-                mlp_out=cache[MLP_OUT.format(layer)][0],
+                post=cache[hook_post(layer)][0],
+                mlp_out=cache[hook_mlp_out(layer)][0],
                 resid_mid=resid,
             )
         caches.append(cache)
@@ -267,7 +266,7 @@ def column_maxima(
                 pos = int(out[0, :, c.row].abs().argmax())
                 found[c] = (float(out[0, pos, c.row]), pos, float(posts[layer][pos, c.col]))
 
-        hooks += [(POST.format(layer), keep_post), (MLP_OUT.format(layer), measure)]
+        hooks += [(hook_post(layer), keep_post), (hook_mlp_out(layer), measure)]
     with torch.inference_mode():
         model.run_with_hooks(ids[None].to(model.cfg.device), fwd_hooks=hooks, return_type=None)
     return found
@@ -290,7 +289,7 @@ def layer_activations(
 ) -> LayerActivations:
     """The `top_k` channels of each hook by max |value| over the text, for a heatmap that
     shows whether a super activation sits on one channel at a few tokens."""
-    names = [POST.format(layer), MLP_OUT.format(layer)]
+    names = [hook_post(layer), hook_mlp_out(layer)]
     with torch.inference_mode():
         _, cache = model.run_with_cache(
             ids[None].to(model.cfg.device), names_filter=names.__contains__

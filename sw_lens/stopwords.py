@@ -21,7 +21,8 @@ from transformers import PreTrainedTokenizerBase
 from sw_lens.corpora import hub_dataset
 from sw_lens.errors import SwLensError
 from sw_lens.fast import twin_ablation
-from sw_lens.patching import WeightCoord, column_edits
+from sw_lens.patching import column_edits
+from sw_lens.vocabulary import WeightCoord
 
 CLASSES = ("stopword", "word", "other")
 STOPWORD_SOURCE = "gensim.parsing.preprocessing.STOPWORDS (English, 337 words)"

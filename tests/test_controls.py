@@ -8,8 +8,9 @@ from conftest import ONE, TOY
 from sw_lens.controls import largest_weights, magnitude_matched, run_controls
 from sw_lens.corpora import tokenize
 from sw_lens.models import load_model
-from sw_lens.patching import WeightCoord, weight_value
+from sw_lens.patching import weight_value
 from sw_lens.perplexity import Protocol
+from sw_lens.vocabulary import WeightCoord
 
 PLANTED = WeightCoord(ONE.layer, ONE.row, ONE.col)
 TOY_SW = WeightCoord(TOY.layer, TOY.row, TOY.col)

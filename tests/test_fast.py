@@ -6,9 +6,9 @@ from conftest import ONE, TWO
 from test_perplexity import corpus_ids
 
 from sw_lens.fast import hf_twin
-from sw_lens.models import down_proj_parameter
-from sw_lens.patching import WeightCoord, edited_weights
+from sw_lens.patching import edited_weights
 from sw_lens.perplexity import Protocol, evaluate, evaluate_sweep
+from sw_lens.vocabulary import WeightCoord, down_proj_parameter
 
 PLANTED = WeightCoord(ONE.layer, ONE.row, ONE.col)
 

@@ -6,8 +6,8 @@ from conftest import ONE, PROMPT, TRIGGER, TWO, Plant, build, byte_tokenizer, sa
 
 from sw_lens.locate import Criterion, locate, rank_by_effect
 from sw_lens.models import load_model
-from sw_lens.patching import WeightCoord
 from sw_lens.perplexity import Protocol, evaluate
+from sw_lens.vocabulary import WeightCoord
 
 
 def ids(text=PROMPT):

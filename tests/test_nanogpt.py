@@ -21,7 +21,8 @@ from sw_lens.errors import SwLensError
 from sw_lens.locate import locate
 from sw_lens.models import load_model
 from sw_lens.nanogpt import read_meta
-from sw_lens.patching import WeightCoord, ablation_hooks
+from sw_lens.patching import ablation_hooks
+from sw_lens.vocabulary import WeightCoord
 
 TEXT = "To be, or not to be: that is the Question."
 

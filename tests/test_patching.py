@@ -8,7 +8,8 @@ from conftest import ONE, PROMPT, build, byte_tokenizer, save
 
 from sw_lens.errors import SwLensError
 from sw_lens.models import load_model
-from sw_lens.patching import WeightCoord, ablation_hooks, edited_weights
+from sw_lens.patching import ablation_hooks, edited_weights
+from sw_lens.vocabulary import WeightCoord
 
 
 def hf_down_proj(hf_model, arch: str, layer: int):

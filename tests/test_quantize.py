@@ -8,10 +8,10 @@ from conftest import TOY
 
 from sw_lens.corpora import tokenize
 from sw_lens.errors import SwLensError
-from sw_lens.models import down_proj_parameter, load_model
-from sw_lens.patching import WeightCoord
+from sw_lens.models import load_model
 from sw_lens.perplexity import Protocol, evaluate
 from sw_lens.quantize import Scheme, clip, quantize_weight, quantized, rtn
+from sw_lens.vocabulary import WeightCoord, down_proj_parameter
 
 TOY_SW = WeightCoord(TOY.layer, TOY.row, TOY.col)
 

@@ -5,10 +5,11 @@ import torch
 from conftest import ONE, byte_tokenizer
 
 from sw_lens.errors import SwLensError
-from sw_lens.patching import WeightCoord, ablation_hooks
+from sw_lens.patching import ablation_hooks
 from sw_lens.pipeline import prompt_tokens
 from sw_lens.predictions import next_word_accuracy
 from sw_lens.stopwords import CLASSES, class_mass, lambada, last_word_contexts, token_classes
+from sw_lens.vocabulary import WeightCoord
 
 
 def test_byte_tokens_are_classed_by_the_stopword_list():

@@ -21,9 +21,10 @@ from transformers import PreTrainedModel
 
 from sw_lens.fast import hf_twin
 from sw_lens.layer_major import scan_layer_major
-from sw_lens.patching import WeightCoord, ablation_hooks
+from sw_lens.patching import ablation_hooks
 from sw_lens.perplexity import Protocol, evaluate, evaluate_sweep
-from sw_lens.scan import MLP_OUT, POST, scan
+from sw_lens.scan import scan
+from sw_lens.vocabulary import WeightCoord, hook_mlp_out, hook_post
 
 
 def byte_tokenizer(directory: Path):
@@ -141,7 +142,7 @@ def scan_memory(bridge, ids: torch.Tensor, chunk: int = 128):
     layer's ``hook_post`` activation."""
     device = bridge.cfg.device
     ids = ids[None].to(device)
-    names = {f.format(layer) for layer in range(bridge.cfg.n_layers) for f in (POST, MLP_OUT)}
+    names = {f(layer) for layer in range(bridge.cfg.n_layers) for f in (hook_post, hook_mlp_out)}
     one_post = (
         ids.shape[1] * bridge.cfg.d_mlp * torch.empty((), dtype=bridge.cfg.dtype).element_size()
     )

@@ -28,8 +28,8 @@ from bench import (  # noqa: E402
 )
 
 from sw_lens.fast import hf_twin  # noqa: E402
-from sw_lens.patching import WeightCoord  # noqa: E402
 from sw_lens.perplexity import Protocol, evaluate  # noqa: E402
+from sw_lens.vocabulary import WeightCoord
 
 # Qwen/Qwen2.5-3B config.json, as published.
 QWEN25_3B = dict(

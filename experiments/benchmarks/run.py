@@ -19,8 +19,8 @@ from bench import byte_tokenizer, prefix_reuse, scan_memory, table, throughput  
 
 from sw_lens.corpora import load_corpus, tokenize  # noqa: E402
 from sw_lens.models import load_model  # noqa: E402
-from sw_lens.patching import WeightCoord  # noqa: E402
 from sw_lens.perplexity import Protocol  # noqa: E402
+from sw_lens.vocabulary import WeightCoord
 
 
 def tiny_model(directory: Path) -> str:
