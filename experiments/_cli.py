@@ -29,10 +29,11 @@ import transformers  # noqa: E402
 from sw_lens import progress  # noqa: E402
 from sw_lens.corpora import DEFAULT_CORPUS, NAMED  # noqa: E402
 from sw_lens.errors import SwLensError  # noqa: E402
+from sw_lens.experiment import super_weights  # noqa: E402
 from sw_lens.locate import Criterion  # noqa: E402
 from sw_lens.models import DEFAULT_MODEL, DTYPES, EMBEDDED  # noqa: E402
-from sw_lens.pipeline import PAPER_PROMPT, LocateConfig, Setup, load, super_weights  # noqa: E402
 from sw_lens.results import check_writable, staged_folder, write_json  # noqa: E402
+from sw_lens.setup import PAPER_PROMPT, LocateConfig, Setup, load  # noqa: E402
 from sw_lens.vocabulary import WeightCoord  # noqa: E402
 
 _interrupted = threading.Event()

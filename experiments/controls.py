@@ -19,8 +19,8 @@ from _cli import (
 )
 
 from sw_lens.controls import run_controls
+from sw_lens.experiment import experiment_document
 from sw_lens.figures import controls_figure
-from sw_lens.pipeline import experiment_document
 
 
 def main() -> None:

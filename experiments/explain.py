@@ -21,8 +21,8 @@ from sw_lens.decompose import decompose
 from sw_lens.figures import decomposition_figure
 from sw_lens.locate import locate
 from sw_lens.models import DEFAULT_MODEL, load_model
-from sw_lens.pipeline import PAPER_PROMPT, model_dict, prompt_tokens
 from sw_lens.results import SCHEMA_VERSION, provenance
+from sw_lens.setup import PAPER_PROMPT, prompt_tokens
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     document = {
         "schema_version": SCHEMA_VERSION,
         "kind": "explain",
-        "model": model_dict(loaded),
+        "model": loaded.description(),
         "prompt": args.prompt,
         "decompositions": [asdict(d) for d in decompositions],
         "provenance": provenance(loaded.device, loaded.dtype, 0),

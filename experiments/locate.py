@@ -19,7 +19,7 @@ from _cli import (
 )
 
 from sw_lens.figures import render_all
-from sw_lens.pipeline import run_locate
+from sw_lens.locate_job import run_locate
 
 
 def parse_args() -> argparse.Namespace:

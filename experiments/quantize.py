@@ -19,9 +19,9 @@ from _cli import (
     save_results,
 )
 
+from sw_lens.experiment import experiment_document
 from sw_lens.figures import quantize_figure
 from sw_lens.perplexity import evaluate
-from sw_lens.pipeline import experiment_document
 from sw_lens.progress import bar
 from sw_lens.quantize import CLIPS, METHODS, Scheme, quantized
 

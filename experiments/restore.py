@@ -13,8 +13,8 @@ from _cli import (
     save_results,
 )
 
+from sw_lens.experiment import experiment_document
 from sw_lens.figures import restore_figure
-from sw_lens.pipeline import experiment_document
 from sw_lens.restore import restore
 
 

@@ -24,9 +24,9 @@ from _cli import (
 from sw_lens.corpora import DEFAULT_CORPUS, NAMED, load_corpus, sentences
 from sw_lens.figures import robustness_figure
 from sw_lens.models import DEFAULT_MODEL, load_model
-from sw_lens.pipeline import PAPER_PROMPT, model_dict, prompt_tokens, resolve_bos
 from sw_lens.results import SCHEMA_VERSION, provenance
 from sw_lens.robustness import robustness
+from sw_lens.setup import PAPER_PROMPT, prompt_tokens, resolve_bos
 
 
 def parse_args() -> argparse.Namespace:
@@ -82,7 +82,7 @@ def main() -> None:
     document = {
         "schema_version": SCHEMA_VERSION,
         "kind": "robustness",
-        "model": model_dict(loaded),
+        "model": loaded.description(),
         "texts": texts,
         "n_texts": len(texts),
         "prepend_bos": prepend_bos,

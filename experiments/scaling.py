@@ -16,10 +16,11 @@ from _cli import (
 )
 
 from sw_lens.corpora import sentences, tokenize
+from sw_lens.experiment import experiment_document
 from sw_lens.figures import scaling_figure
 from sw_lens.perplexity import evaluate_sweep
-from sw_lens.pipeline import experiment_document, prompt_tokens
 from sw_lens.predictions import next_word_accuracy
+from sw_lens.setup import prompt_tokens
 from sw_lens.stopwords import last_word_contexts
 
 FACTORS = [0.0, 0.25, 0.5, 0.75, 0.8, 0.9, 1.1, 1.25, 1.5, 2.0, 2.5, 3.0]

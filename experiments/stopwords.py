@@ -15,10 +15,11 @@ from _cli import (
 )
 
 from sw_lens.corpora import sentences
+from sw_lens.experiment import experiment_document
 from sw_lens.figures import stopwords_figure
 from sw_lens.patching import ablation_hooks
-from sw_lens.pipeline import experiment_document, prompt_tokens
 from sw_lens.predictions import CASE_STUDY_PROMPT, top_predictions
+from sw_lens.setup import prompt_tokens
 from sw_lens.stopwords import (
     STOPWORD_SOURCE,
     class_mass,

@@ -20,8 +20,8 @@ from _cli import (
 
 from sw_lens.figures import track_figure
 from sw_lens.perplexity import Protocol
-from sw_lens.pipeline import PAPER_PROMPT
 from sw_lens.results import check_writable, write_atomic, write_json
+from sw_lens.setup import PAPER_PROMPT
 from sw_lens.track import CSV_COLUMNS, checkpoint_paths, csv_rows, track
 
 

@@ -89,6 +89,21 @@ class LoadedModel:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.bridge.tokenizer
 
+    def description(self) -> dict:
+        """What every results document says about the model it measured."""
+        cfg = self.bridge.cfg
+        return {
+            "name": self.name,
+            "source": self.source,
+            "location": self.location,
+            "architecture": type(self.bridge.original_model).__name__,
+            "n_layers": cfg.n_layers,
+            "d_model": cfg.d_model,
+            "d_mlp": cfg.d_mlp,
+            "n_ctx": cfg.n_ctx,
+            "iter_num": self.iter_num,
+        }
+
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when present; an unavailable device is a one-line error."""

@@ -14,8 +14,8 @@ from sw_lens.errors import SwLensError
 from sw_lens.locate import Criterion, locate
 from sw_lens.models import load_model, resolve_device, resolve_dtype
 from sw_lens.perplexity import Protocol, check_window, evaluate
-from sw_lens.pipeline import prompt_tokens
 from sw_lens.results import SCHEMA_VERSION, provenance
+from sw_lens.setup import prompt_tokens
 
 log = logging.getLogger(__name__)
 

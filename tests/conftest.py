@@ -39,9 +39,10 @@ from transformers import (  # noqa: E402
 )
 
 from sw_lens.locate import Criterion  # noqa: E402
+from sw_lens.locate_job import run_locate  # noqa: E402
 from sw_lens.models import load_model  # noqa: E402
-from sw_lens.pipeline import LocateConfig, run_locate  # noqa: E402
 from sw_lens.results import write_json  # noqa: E402
+from sw_lens.setup import LocateConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))

@@ -6,8 +6,8 @@ from conftest import TWO, build, save
 from sw_lens.errors import SwLensError
 from sw_lens.layer_major import scan_layer_major
 from sw_lens.models import load_model
-from sw_lens.pipeline import prompt_tokens
 from sw_lens.scan import scan
+from sw_lens.setup import prompt_tokens
 
 TEXTS = ["xyz A qrs and a longer text with A inside it, and more after that", "A b c"]
 

@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 from sw_lens import resources
 from sw_lens.errors import NonFiniteActivation, SwLensError
 from sw_lens.locate import locate
+from sw_lens.locate_job import run_locate
 from sw_lens.models import load_model
 from sw_lens.nanogpt import checkpoint_weight
 from sw_lens.patching import edited_weights
-from sw_lens.pipeline import LocateConfig, run_locate
 from sw_lens.scan import scan
+from sw_lens.setup import LocateConfig
 from sw_lens.vocabulary import WeightCoord, down_proj_parameter
 
 CORPUS = "Interrupt me while I am scoring A tokens. " * 40

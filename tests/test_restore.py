@@ -11,8 +11,8 @@ from sw_lens.corpora import tokenize
 from sw_lens.models import load_model
 from sw_lens.patching import ablation_hooks
 from sw_lens.perplexity import Protocol, evaluate
-from sw_lens.pipeline import prompt_tokens
 from sw_lens.restore import restore
+from sw_lens.setup import prompt_tokens
 from sw_lens.vocabulary import WeightCoord
 
 PLANTED = WeightCoord(ONE.layer, ONE.row, ONE.col)

@@ -6,9 +6,9 @@ import pytest
 from conftest import ONE, Plant, build, run_experiment, save
 
 from sw_lens.models import load_model
-from sw_lens.pipeline import prompt_tokens
 from sw_lens.results import read_json
 from sw_lens.robustness import robustness, token_kind
+from sw_lens.setup import prompt_tokens
 from sw_lens.vocabulary import WeightCoord
 
 DELIMITED = Plant(layer=1, row=5, col=17, dim=3, trigger=".")

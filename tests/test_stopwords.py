@@ -6,8 +6,8 @@ from conftest import ONE, byte_tokenizer
 
 from sw_lens.errors import SwLensError
 from sw_lens.patching import ablation_hooks
-from sw_lens.pipeline import prompt_tokens
 from sw_lens.predictions import next_word_accuracy
+from sw_lens.setup import prompt_tokens
 from sw_lens.stopwords import CLASSES, class_mass, lambada, last_word_contexts, token_classes
 from sw_lens.vocabulary import WeightCoord
 
