@@ -40,9 +40,6 @@ STYLE = {
     "axes.linewidth": 0.6,
     "lines.linewidth": 1.0,
     "pdf.fonttype": 42,  # editable text in the PDF, as journals ask
-    # Labels carry token strings and names from files: "$" is a dollar sign, never the
-    # start of mathtext that a hostile token could make fail to parse.
-    "text.parse_math": False,
 }
 BLUE, RED, GREY = "#1f77b4", "#d62728", "#7f7f7f"
 HEATMAP_TOKENS = 96  # rows of the spike heatmap: a figure must fit a page
@@ -72,15 +69,29 @@ def _save(fig, out_dir: Path, stem: str, text: str, title: str) -> list[Path]:
     return paths
 
 
+def _literal(value):
+    """A document's strings drawn as they are: a "$" in a token, label or name is a
+    dollar sign, never the start of mathtext (which a hostile token could make fail to
+    parse). Matplotlib's own log-axis labels still use mathtext."""
+    if isinstance(value, str):
+        return value.replace("$", r"\$")
+    if isinstance(value, dict):
+        return {_literal(k): _literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_literal(v) for v in value]
+    return value
+
+
 def _drawn(draw: Callable[..., list[Path]]) -> Callable[..., list[Path]]:
-    """A figure drawn from a results file, which may hold what matplotlib cannot lay out
-    (a perplexity of 1e308, ten thousand bars): one line naming the figure, not a
-    traceback. The schema (`sw_lens.documents`) has already refused wrong types."""
+    """A figure drawn from a results file (its strings `_literal`), which may hold what
+    matplotlib cannot lay out (a perplexity of 1e308, ten thousand bars): one line naming
+    the figure, not a traceback. The schema (`sw_lens.documents`) has already refused
+    wrong types."""
 
     @functools.wraps(draw)
-    def checked(*args, **kwargs) -> list[Path]:
+    def checked(document, *args, **kwargs) -> list[Path]:
         try:
-            return draw(*args, **kwargs)
+            return draw(_literal(document), *args, **kwargs)
         except (ValueError, OverflowError, FloatingPointError) as err:
             plt.close("all")
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -168,3 +168,18 @@ def test_every_kind_has_its_invariants(kind, change, message):
 
 def test_the_schema_accepts_what_locate_writes(results_file):
     validate(json.loads(results_file.read_text()), Locate, "results")
+
+
+def test_dollar_signs_in_a_document_are_drawn_as_text(results_file, tmp_path):
+    """Matplotlib reads "$...$" as mathtext; a token such as "$\\frac{" must neither fail
+    to parse nor change how the figure is drawn."""
+    document = json.loads(results_file.read_text())
+    layer = document["super_weights"][0]["layer"]
+    document["scan"]["layers"][layer]["mlp_out"]["token"] = "$\\frac{"
+    document["model"]["name"] = "price $5 or $6"
+    document["layer_activations"][0]["tokens"][0] = "$^$"
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(document))
+    done = run_in_process("figures.py", path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "spike_heatmap.png").is_file()
