@@ -15,16 +15,17 @@ eager attention) whenever the caller passes TransformerLens ``fwd_hooks``.
 
 import copy
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import MappingProxyType
 
 from accelerate import init_empty_weights
-from torch import nn
+from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from sw_lens.errors import SwLensError
-from sw_lens.patching import EditedColumns
+from sw_lens.patching import EditedColumns, edit_hooks
 from sw_lens.vocabulary import down_proj_parameter
 
 _TWINS: "weakref.WeakKeyDictionary[TransformerBridge, PreTrainedModel]" = (
@@ -79,6 +80,25 @@ def twin_ablation(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def forward_pass(
+    model: TransformerBridge,
+    edits: Mapping[int, EditedColumns] = MappingProxyType({}),
+    fwd_hooks: Sequence = (),
+) -> Iterator[tuple[Callable[[Tensor], Tensor], Sequence[nn.Module]]]:
+    """The one place that picks how a forward pass runs: the HF twin (``sdpa``) when no
+    TransformerLens hook has to fire, else the bridge (eager attention) with the edits as
+    hooks followed by `fwd_hooks`. Yields ``(logits_of, layers)``: ``logits_of(input_ids)``
+    gives [batch, pos, d_vocab] logits with `edits` (`patching.column_edits`) applied, and
+    `layers` are the decoder layers it runs, for progress."""
+    if fwd_hooks:
+        with model.hooks(fwd_hooks=[*edit_hooks(edits), *fwd_hooks]):
+            yield (lambda ids: model(ids, return_type="logits")), model.blocks
+    else:
+        with twin_ablation(model, edits) as twin:
+            yield (lambda ids: twin(ids).logits), getattr(*decoder_layers(model, twin))
 
 
 def decoder_layers(model: TransformerBridge, twin: PreTrainedModel) -> tuple[nn.Module, str]:

@@ -22,8 +22,8 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens import progress
 from sw_lens.errors import NonFiniteActivation, SwLensError
-from sw_lens.fast import decoder_layers, hf_twin, layers_from, twin_ablation
-from sw_lens.patching import EditedColumns, Restore, column_edits, edit_hooks
+from sw_lens.fast import decoder_layers, forward_pass, hf_twin, layers_from, twin_ablation
+from sw_lens.patching import EditedColumns, Restore, column_edits
 from sw_lens.vocabulary import WeightCoord
 
 IGNORE = -100
@@ -216,19 +216,10 @@ def evaluate(
     check_window(model, protocol)
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
     edits = column_edits(model, ablation, scale, restore_above)
-    if fwd_hooks:
-        context, forward = (
-            model.hooks(fwd_hooks=[*edit_hooks(edits), *fwd_hooks]),
-            lambda ids: model(ids, return_type="logits"),
-        )
-    else:
-        context, forward = twin_ablation(model, edits), None
     losses = []
-    with torch.inference_mode(), context as twin:
-        run = forward or (lambda ids: twin(ids).logits)
-        layers = model.blocks if forward else getattr(*decoder_layers(model, twin))
+    with torch.inference_mode(), forward_pass(model, edits, fwd_hooks) as (logits_of, layers):
         for input_ids, targets in _progress(cut, protocol, model.cfg.device, desc, layers):
-            losses.append(_nll(run(input_ids), targets))
+            losses.append(_nll(logits_of(input_ids), targets))
     return _result(model, corpus, protocol, losses, cut, edits)
 
 

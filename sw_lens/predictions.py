@@ -12,7 +12,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from sw_lens.fast import twin_ablation
+from sw_lens.fast import forward_pass
 from sw_lens.patching import column_edits
 from sw_lens.vocabulary import WeightCoord
 
@@ -42,11 +42,11 @@ def next_word_accuracy(
 ) -> float:
     """Share of `contexts` whose most likely next token is its target (e.g. the first
     token of a held-out last word, as LAMBADA scores), with each weight in `ablation`
-    multiplied by `scale`; run in the HF twin (`sw_lens.fast`)."""
+    multiplied by `scale` (`fast.forward_pass` picks the fast twin)."""
     hits = 0
     edits = column_edits(model, ablation, scale)
-    with torch.inference_mode(), twin_ablation(model, edits) as twin:
+    with torch.inference_mode(), forward_pass(model, edits) as (logits_of, _):
         for ids, target in zip(contexts, targets, strict=True):
-            logits = twin(ids[None].to(model.cfg.device)).logits[0, -1]
+            logits = logits_of(ids[None].to(model.cfg.device))[0, -1]
             hits += int(logits.argmax()) == target
     return hits / len(contexts)

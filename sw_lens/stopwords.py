@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sw_lens.corpora import hub_dataset
 from sw_lens.errors import SwLensError
-from sw_lens.fast import twin_ablation
+from sw_lens.fast import forward_pass
 from sw_lens.patching import column_edits
 from sw_lens.vocabulary import WeightCoord
 
@@ -95,13 +95,13 @@ def class_mass(
     ablation: Sequence[WeightCoord],
 ) -> ClassMass:
     """Next-token probability mass per class after each context, before and after
-    zeroing `ablation` (fast path: the HF twin, see `sw_lens.fast`)."""
+    zeroing `ablation` (`fast.forward_pass` picks the fast twin)."""
     masses = []
     for edits in ({}, column_edits(model, ablation)):
         rows = []
-        with torch.inference_mode(), twin_ablation(model, edits) as twin:
+        with torch.inference_mode(), forward_pass(model, edits) as (logits_of, _):
             for ids in contexts:
-                logits = twin(ids[None].to(model.cfg.device)).logits[0, -1]
+                logits = logits_of(ids[None].to(model.cfg.device))[0, -1]
                 probs = logits.float().softmax(-1).cpu()
                 rows.append(torch.zeros(len(CLASSES)).index_add_(0, classes, probs))
         masses.append(torch.stack(rows))
