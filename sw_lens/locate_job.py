@@ -39,15 +39,12 @@ log = logging.getLogger(__name__)
 
 
 def _ablation_entry(label: str, coords, result: PerplexityResult, baseline: PerplexityResult):
-    """One row of the perplexity table."""
+    """One row of the perplexity table, with its protocol like every perplexity we save."""
     return {
         "label": label,
         "weights": [asdict(c) for c in coords],
-        "perplexity": result.perplexity,
-        "nll": result.nll,
         "ratio": result.perplexity / baseline.perplexity,
-        "n_tokens": result.n_tokens,
-    }
+    } | result.to_dict()
 
 
 def candidate_dict(c: Candidate, loaded: LoadedModel) -> dict:

@@ -57,6 +57,7 @@ def test_locate_finds_the_planted_weight_and_writes_results(tiny_dir, corpus_fil
     assert base["n_tokens"] == 256 - 4  # four windows, each without its first token
     (alone,) = doc["perplexity"]["ablations"]
     assert alone["ratio"] == pytest.approx(alone["perplexity"] / base["perplexity"])
+    assert alone["protocol"] == base["protocol"] and alone["n_tokens"] == base["n_tokens"]
     assert doc["scan"]["prepend_bos"] is False
     assert doc["provenance"]["device"] == "cpu" and doc["provenance"]["versions"]
     assert doc["criterion"]["min_ppl_ratio"] == 0 and "median" in doc["criterion"]["description"]
