@@ -437,7 +437,7 @@ def _quote(text: str, what: str) -> str:
 def _directive_path(path: Path) -> Path:
     """A path for an #SBATCH line, which sbatch (not the shell) splits at blanks and in
     which SLURM expands % patterns: refused unless plainly one word."""
-    if re.search(r"[\s\"'\\%]", str(path)) or any(ord(ch) < 32 for ch in str(path)):
+    if re.search(r"[\s\"'\\%\x00-\x1f\x7f]", str(path)):
         raise SwLensError(
             f"the sweep's output folder '{path}' has blanks, quotes, backslashes or '%', "
             f"which #SBATCH lines cannot hold: choose another --out"
