@@ -12,6 +12,7 @@ the first token of a window has no context and is not scored.
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from itertools import groupby
 
 import torch
@@ -177,7 +178,7 @@ def _result(
     )
 
 
-def _progress(
+def window_batches(
     cut: list[Window], protocol: Protocol, device, desc: str, layers: Sequence[nn.Module] = ()
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """(input_ids, targets) per batch, on `device`, with progress in windows
@@ -218,7 +219,7 @@ def evaluate(
     edits = column_edits(model, ablation, scale, restore_above)
     losses = []
     with torch.inference_mode(), forward_pass(model, edits, fwd_hooks) as (logits_of, layers):
-        for input_ids, targets in _progress(cut, protocol, model.cfg.device, desc, layers):
+        for input_ids, targets in window_batches(cut, protocol, model.cfg.device, desc, layers):
             losses.append(_nll(logits_of(input_ids), targets))
     return _result(model, corpus, protocol, losses, cut, edits)
 
@@ -233,53 +234,63 @@ def evaluate_sweep(
     desc: str = "sweep",
 ) -> tuple[PerplexityResult, list[PerplexityResult]]:
     """A baseline and K ablations on the same windows (each with its own `scale` when a
-    sequence is given: a scaling curve), computing the layers before the
-    earliest ablated layer L once per window: the residual stream entering L is kept from
-    the baseline pass, and each ablation runs layers L..n only. Cost ~ 1 + K (n - L) / n
-    passes instead of K + 1; results equal the naive loop of `evaluate` calls.
+    sequence is given: a scaling curve), each ablation computing only the layers from its
+    earliest ablated layer L on: the residual stream entering L is kept from the baseline
+    pass, and the ablation runs layers L..n only. Cost ~ 1 + sum over ablations of
+    (n - L) / n passes (plus the unembedding) instead of K + 1; results equal the naive
+    loop of `evaluate` calls.
 
     Runs in the HF twin (TransformerLens's own ``start_at_layer`` still computes the
-    skipped blocks). Feeding the kept residual back in is checked against the baseline
-    pass on the first batch; where a model adds something to its embeddings before the
-    first layer (GPT-2's position embeddings) the check fails and every ablation runs the
-    whole model instead, with the same results."""
+    skipped blocks). Feeding a kept residual back in is checked against the baseline pass
+    on the first batch, for every starting layer; where a model adds something to its
+    embeddings before the first layer (GPT-2's position embeddings) the check fails and
+    ablations from that layer run the whole model instead, with the same results."""
     check_window(model, protocol)
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
     scales = [scale] * len(ablations) if isinstance(scale, int | float) else list(scale)
     if len(scales) != len(ablations):
         raise SwLensError(f"{len(ablations)} ablations but {len(scales)} scales")
     edits = [column_edits(model, a, s) for a, s in zip(ablations, scales, strict=True)]
-    start = min((c.layer for a in ablations for c in a), default=0)
+    starts = [min((c.layer for c in a), default=0) for a in ablations]
     twin = hf_twin(model)
     parent, name = decoder_layers(model, twin)
-    kept: dict[str, Tensor] = {}
+    kept: dict[int, Tensor] = {}
 
-    def keep(module, args, kwargs) -> None:
-        kept["resid"] = args[0] if args else kwargs["hidden_states"]
+    def keep(module, args, kwargs, layer: int) -> None:
+        if recording:  # the baseline pass only: an ablation's later layers see edits
+            kept[layer] = args[0] if args else kwargs["hidden_states"]
 
-    reuse: bool | None = None
+    reuse: dict[int, bool] = {}
+    recording = False
     losses: list[list[Tensor]] = [[] for _ in range(len(ablations) + 1)]
-    handle = getattr(parent, name)[start].register_forward_pre_hook(keep, with_kwargs=True)
+    layers = getattr(parent, name)
+    handles = [
+        layers[start].register_forward_pre_hook(partial(keep, layer=start), with_kwargs=True)
+        for start in sorted(set(starts))
+    ]
     try:
         with torch.inference_mode():
-            for input_ids, targets in _progress(cut, protocol, model.cfg.device, desc):
+            for input_ids, targets in window_batches(cut, protocol, model.cfg.device, desc):
+                recording = True
                 logits = twin(input_ids, use_cache=False).logits
+                recording = False
                 losses[0].append(_nll(logits, targets))
-                resid = kept.pop("resid")
-                if reuse is None:
+                for start in sorted(set(starts) - set(reuse)):
                     with layers_from(model, twin, start):
-                        again = twin(inputs_embeds=resid, use_cache=False).logits
-                    reuse = torch.equal(again, logits)
-                for k, edit in enumerate(edits, start=1):
+                        again = twin(inputs_embeds=kept[start], use_cache=False).logits
+                    reuse[start] = torch.equal(again, logits)
+                for k, (edit, start) in enumerate(zip(edits, starts, strict=True), start=1):
                     with twin_ablation(model, edit):
-                        if reuse:
+                        if reuse[start]:
                             with layers_from(model, twin, start):
-                                out = twin(inputs_embeds=resid, use_cache=False).logits
+                                out = twin(inputs_embeds=kept[start], use_cache=False).logits
                         else:
                             out = twin(input_ids, use_cache=False).logits
                     losses[k].append(_nll(out, targets))
+                kept.clear()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     baseline, *ablated = (_result(model, corpus, protocol, loss, cut) for loss in losses)
     return baseline, ablated
 
