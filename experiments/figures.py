@@ -7,8 +7,7 @@ Figures (PDF + PNG at 300 dpi) are written next to the results file unless --out
 
 from pathlib import Path
 
-from _cli import Parser, publish, run
-
+from experiments._cli import Parser, publish, run
 from sw_lens import figures
 from sw_lens.results import check_writable, read_json
 

@@ -4,38 +4,11 @@ With no arguments: the embedded SmolLM2-135M-Instruct on the embedded Lee corpus
 offline, on CPU in about a minute. Writes results.json and every figure into --out.
 """
 
-import argparse
-from dataclasses import replace
-
-from _cli import (
-    Parser,
-    add_job_args,
-    add_weight_arg,
-    check_interrupted,
-    locate_config,
-    output_dir,
-    run,
-    save_results,
-)
-
+from experiments._cli import Parser, add_out, check_interrupted, output_dir, run, save_results
 from sw_lens.figures import render_all
 from sw_lens.locate_job import run_locate
-
-
-def parse_args() -> argparse.Namespace:
-    p = Parser(description=__doc__)
-    add_job_args(p, max_tokens=4096)
-    add_weight_arg(p, "also zero this weight (e.g. a published super weight)")
-    p.add_argument(
-        "--check-known",
-        nargs="?",
-        const="auto",
-        metavar="NAME",
-        help="compare with the registry of published super weights (by --model's name, or "
-        "NAME, e.g. Qwen/Qwen2.5-3B for a local copy) and measure the published weights too",
-    )
-    p.add_argument("--registry", help="registry TOML file (default: sw_lens's own)")
-    return p.parse_args()
+from sw_lens.options import add_options, from_args
+from sw_lens.setup import LocateConfig
 
 
 def print_report(doc: dict) -> None:
@@ -77,6 +50,8 @@ def print_report(doc: dict) -> None:
             f"iteration {c['iteration']}, {c['role']}, token {c['token']!r})"
             f"  ppl x{c['effect']:.3f}  {verdict}"
         )
+    if doc["search"]:
+        print_search(doc["search"])
     ppl = doc["perplexity"]
     base = ppl["baseline"]
     print(
@@ -99,11 +74,43 @@ def print_report(doc: dict) -> None:
             print(f"  {b['token']!r:>14} {b['prob']:6.1%}    {a['token']!r:>14} {a['prob']:6.1%}")
 
 
+def print_search(search: dict) -> None:
+    p, rank = search["parameters"], search["ranking"]
+    print(
+        f"\nsearch: {search['n_measured']} weights zeroed alone ({rank['n_tokens']} tokens): "
+        f"the top {p['search_k']} by largest contribution and by saliency "
+        f"({search['screen_overlap']} in both), the rule's candidates, a walk down the "
+        f"contribution ranking to rank {search['stop_rank']} ({search['stop_reason']}), and "
+        f"{p['recall_sample']} random weights beyond it (largest x{search['sample_max']:.3f})"
+    )
+    for warning in search["warnings"]:
+        print(f"  WARNING: {warning}")
+    print(f"  {search['verdict']}")
+    for m in search["measured"]:
+        if m["is_super"]:
+            saliency = m["saliency_rank"] or "-"
+            print(
+                f"  layer {m['layer']:>2} down_proj.weight[{m['row']}, {m['col']}]  "
+                f"x{m['confirmed_effect']:.3f}  contribution rank {m['contribution_rank']}, "
+                f"saliency rank {saliency}; found by {', '.join(m['found_by'])}"
+            )
+    recall = search["rule_recall"]
+    if recall["of"]:
+        print(f"  the spike rule alone finds {recall['found']} of these {recall['of']}")
+    if search["ranking_noise"] is not None:
+        print(
+            f"  ranking noise: a confirmed effect moved by up to "
+            f"{search['ranking_noise']:.1%} between the ranking and the reported budget"
+        )
+
+
 def main() -> None:
-    args = parse_args()
+    p = Parser(description=__doc__)
+    add_options(p, LocateConfig)
+    add_out(p)
+    args = p.parse_args()
     output_dir(args)  # an unwritable --out fails now, not after the work
-    config = replace(locate_config(args), check_known=args.check_known, registry=args.registry)
-    doc = run_locate(config)
+    doc = run_locate(from_args(LocateConfig, args))
     check_interrupted()
     print_report(doc)
     save_results(args, "results", doc, render_all)

@@ -5,50 +5,18 @@ spike over all layers), its super activation over texts, and the kinds of token 
 on (BOS, first token, delimiter, other). Writes robustness.json and a figure.
 """
 
-import argparse
-from dataclasses import asdict
-from pathlib import Path
-
-from _cli import (
+from experiments._cli import (
     Parser,
-    add_loading_args,
-    add_rule_args,
-    add_weight_arg,
+    add_out,
     check_interrupted,
-    criterion,
-    positive_int,
+    output_dir,
     run,
     save_results,
 )
-
-from sw_lens.corpora import DEFAULT_CORPUS, NAMED, load_corpus, sentences
 from sw_lens.figures import robustness_figure
-from sw_lens.models import DEFAULT_MODEL, load_model
-from sw_lens.results import SCHEMA_VERSION, provenance
-from sw_lens.robustness import robustness
-from sw_lens.setup import PAPER_PROMPT, prompt_tokens, resolve_bos
-
-
-def parse_args() -> argparse.Namespace:
-    p = Parser(description=__doc__)
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument(
-        "--text", default=DEFAULT_CORPUS, help=f"sentences from: a file or {', '.join(NAMED)}"
-    )
-    p.add_argument("--n-texts", type=positive_int, default=100, help="sentences of --text")
-    p.add_argument(
-        "--prompt",
-        action="append",
-        help=f"also scan this text; repeatable; none given: {PAPER_PROMPT!r}",
-    )
-    p.add_argument(
-        "--bos", default="auto", choices=["auto", "yes", "no"], help="prepend BOS to each text"
-    )
-    add_weight_arg(p, "also report this weight")
-    add_loading_args(p)
-    add_rule_args(p)
-    p.add_argument("--out", type=Path, help="output directory (default: out/<model>)")
-    return p.parse_args()
+from sw_lens.options import add_options, from_args
+from sw_lens.setup import LocateConfig
+from sw_lens.studies import ROBUSTNESS, RobustnessOptions, robustness_study
 
 
 def print_report(document: dict) -> None:
@@ -73,23 +41,14 @@ def print_report(document: dict) -> None:
 
 
 def main() -> None:
-    args = parse_args()
-    loaded = load_model(args.model, args.device, args.dtype, tokenizer_name=args.tokenizer)
-    prepend_bos = resolve_bos(args.bos, loaded)
-    texts = (args.prompt or [PAPER_PROMPT]) + sentences(load_corpus(args.text).text, args.n_texts)
-    ids = prompt_tokens(loaded, texts, prepend_bos)
-    report = robustness(loaded.bridge, ids, prepend_bos, criterion(args), args.weight)
-    document = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "robustness",
-        "model": loaded.description(),
-        "texts": texts,
-        "n_texts": len(texts),
-        "prepend_bos": prepend_bos,
-        "criterion": asdict(criterion(args)) | {"description": criterion(args).describe()},
-        "weights": [asdict(r) for r in report],
-        "provenance": provenance(loaded.device, loaded.dtype, 0),
-    }
+    p = Parser(description=__doc__)
+    add_options(p, LocateConfig, ROBUSTNESS, helps={"weight": "also report this weight"})
+    add_options(p, RobustnessOptions)
+    add_out(p)
+    args = p.parse_args()
+    output_dir(args)
+    options = from_args(RobustnessOptions, args)
+    document = robustness_study(from_args(LocateConfig, args), options)
     check_interrupted()
     print_report(document)
     save_results(args, "robustness", document, robustness_figure)

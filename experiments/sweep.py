@@ -7,14 +7,13 @@
   sweep.py report OUT            one table (CSV, Markdown) and a figure from every run
 
 `--resume` (local, slurm) skips runs that already finished. The sweep file format is
-described in sw_lens/sweep.py; experiments/slurm/sweep.sbatch is the task script.
+described in sw_lens/sweep.py; sw_lens/data/sweep.sbatch is the task script.
 """
 
 import argparse
 from pathlib import Path
 
-from _cli import Parser, check_interrupted, publish, run
-
+from experiments._cli import Parser, check_interrupted, publish, run
 from sw_lens.errors import SwLensError
 from sw_lens.figures import sweep_figure
 from sw_lens.results import check_writable, write_atomic, write_json
@@ -102,7 +101,7 @@ def main() -> None:
     if args.command == "plan":
         plan(sweep)
     elif args.command == "task":
-        status = run_task(sweep, args.index, python, repo)
+        status = run_task(sweep, args.index, python)
         print(f"run {args.index}: {status['status']}")
         if status["status"] != "ok":
             step = status["steps"][-1]
@@ -111,7 +110,7 @@ def main() -> None:
         write_json(sweep.out / "sweep.json", sweep.to_dict())
         for index in pending(sweep, args.resume):
             check_interrupted()
-            status = run_task(sweep, index, python, repo)
+            status = run_task(sweep, index, python)
             print(f"run {index} ({sweep.runs[index].name}): {status['status']}")
     elif args.command == "slurm":
         indices = pending(sweep, args.resume)

@@ -8,49 +8,28 @@ import csv
 import io
 from pathlib import Path
 
-from _cli import (
-    Parser,
-    add_corpus_args,
-    add_loading_args,
-    add_rule_args,
-    criterion,
-    publish,
-    run,
-)
-
+from experiments._cli import Parser, publish, run
 from sw_lens.figures import track_figure
-from sw_lens.perplexity import Protocol
+from sw_lens.options import add_options, from_args
 from sw_lens.results import check_writable, write_atomic, write_json
-from sw_lens.setup import PAPER_PROMPT
+from sw_lens.setup import LOADING, RULE, LocateConfig
 from sw_lens.track import CSV_COLUMNS, checkpoint_paths, csv_rows, track
+
+CORPUS = ("text", "max_tokens", "window", "stride", "batch_size")
 
 
 def main() -> None:
     p = Parser(description=__doc__)
     p.add_argument("checkpoints", nargs="+", help="checkpoint files, or folders of *.pt files")
-    p.add_argument("--prompt", default=PAPER_PROMPT, help="text scanned in every checkpoint")
-    add_loading_args(p)
-    add_rule_args(p)
+    add_options(
+        p, LocateConfig, ("prompt", *LOADING, *RULE, *CORPUS), defaults={"max_tokens": 2048}
+    )
     p.add_argument("--ppl", action="store_true", help="also measure perplexity per checkpoint")
-    add_corpus_args(p, max_tokens=2048)
     p.add_argument("--out", type=Path, default=Path("out/track"), help="output directory")
     args = p.parse_args()
     check_writable(args.out)
     paths = checkpoint_paths(args.checkpoints)
-    ppl = None
-    if args.ppl:
-        protocol = Protocol(args.window, args.stride, False, args.max_tokens, args.batch_size)
-        ppl = (protocol, args.text)
-    document = track(
-        paths,
-        args.prompt,
-        criterion(args),
-        args.iterations,
-        args.device,
-        args.dtype,
-        args.tokenizer,
-        ppl,
-    )
+    document = track(paths, from_args(LocateConfig, args), args.ppl)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()

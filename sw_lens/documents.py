@@ -207,7 +207,27 @@ class Predictions(Strict):
         return self
 
 
+class MeasuredWeight(Coord):
+    found_by: Annotated[list[str], Field(min_length=1)]
+    contribution_rank: Count
+    effect: Annotated[float, Field(gt=0)]
+    confirmed_effect: Annotated[float, Field(gt=0)] | None
+    is_super: bool
+
+
+class SearchParameters(Strict):
+    negligible: float
+
+
+class Search(Strict):
+    parameters: SearchParameters
+    verdict: str
+    stop_rank: Count
+    measured: Annotated[list[MeasuredWeight], Field(min_length=1)]
+
+
 class Locate(OnModel):
+    search: Search | None = None  # documents written before the search have none
     scan: Scan
     candidates: list[Candidate]
     super_weights: list[Candidate]
@@ -219,7 +239,14 @@ class Locate(OnModel):
 
     def coords(self) -> list[Coord]:
         ablated = [w for a in self.perplexity.ablations for w in a.weights]
-        return [*self.candidates, *self.super_weights, *ablated, *self.weight_distributions]
+        searched = self.search.measured if self.search else []
+        return [
+            *self.candidates,
+            *self.super_weights,
+            *ablated,
+            *self.weight_distributions,
+            *searched,
+        ]
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -341,7 +368,7 @@ class Decomposition(Strict):
 
 class Explain(OnModel):
     kind: Literal["explain"]
-    prompt: str
+    prompts: list[str] | None = None  # `prompt`, one string, before the options were one schema
     decompositions: list[Decomposition]
 
 
@@ -380,7 +407,7 @@ class TrackCheckpoint(Strict):
 
 class Track(Header):
     kind: Literal["track"]
-    prompt: str
+    prompts: list[str] | None = None  # `prompt`, one string, before the options were one schema
     checkpoints: Annotated[list[TrackCheckpoint], Field(min_length=1)]
 
     @model_validator(mode="after")

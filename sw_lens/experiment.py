@@ -1,22 +1,74 @@
 """What every experiment on super weights shares: which weights it works on (given,
-read from a locate results file, or found now by the locate rule and ranked), and the
-head of its results document."""
+read from a locate results file, or found now by the search), and the head of its
+results document."""
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sw_lens.errors import SwLensError
 from sw_lens.locate import LocateResult, locate, rank_by_effect
 from sw_lens.patching import check_coords, weight_value
 from sw_lens.results import SCHEMA_VERSION, provenance, read_json
-from sw_lens.setup import LocateConfig, Setup
+from sw_lens.search import SearchResult, search
+from sw_lens.setup import LocateConfig, Setup, load
 from sw_lens.vocabulary import WeightCoord
 
 
-def find(setup: Setup, config: LocateConfig) -> LocateResult:
-    """The locate rule on the prompts, then each candidate ranked by its effect."""
-    found = locate(setup.model, setup.texts, setup.prepend_bos, config.criterion, config.iterations)
-    return rank_by_effect(setup.model, found, setup.tokens, setup.rank_protocol, setup.corpus.name)
+@dataclass
+class Found:
+    """What the job found: the spike rule's candidates, each measured, and (by default)
+    the threshold-free search (`sw_lens.search`) that decides which weights are super."""
+
+    rule: LocateResult
+    search: SearchResult | None  # None when only the rule was asked for (``find="rule"``)
+
+    @property
+    def super_weights(self) -> list[WeightCoord]:
+        """By effect, strongest first."""
+        if self.search is None:
+            return [c.coord for c in self.rule.super_weights]
+        return [m.coord for m in self.search.super_weights]
+
+    def describe(self, config: LocateConfig) -> str:
+        if self.search is None:
+            return (
+                f"found by the spike rule on {len(config.prompts)} prompt(s), ranked on "
+                f"{self.rule.ranking.n_tokens} tokens ({config.criterion.describe()})"
+            )
+        return (
+            f"found by the threshold-free search ({len(self.search.measured)} weights "
+            f"measured alone; super when the perplexity ratio on "
+            f"{self.search.confirmation_tokens} tokens >= {config.criterion.min_ppl_ratio:g})"
+        )
+
+
+def find(setup: Setup, config: LocateConfig) -> Found:
+    """The spike rule on the prompts, then either each of its candidates ranked by its
+    effect (``find="rule"``) or the search, which measures them among the rest."""
+    model, corpus = setup.model, setup.corpus.name
+    rule = locate(model, setup.texts, setup.prepend_bos, config.criterion, config.iterations)
+    if config.find == "rule":
+        return Found(rank_by_effect(model, rule, setup.tokens, setup.rank_protocol, corpus), None)
+    result = search(
+        model,
+        setup.texts,
+        setup.tokens,
+        setup.rank_protocol,
+        setup.protocol,
+        corpus,
+        rule=[c.coord for c in rule.candidates],
+        given=config.weights,
+        parameters=config.search,
+        min_ppl_ratio=config.criterion.min_ppl_ratio,
+        seed=config.seed,
+    )
+    by_coord = {m.coord: m for m in result.measured}
+    for c in rule.candidates:
+        m = by_coord[c.coord]
+        c.ppl_alone, c.effect, c.is_super = m.ppl_alone, m.effect, m.is_super
+    rule.candidates.sort(key=lambda c: -c.effect)
+    rule.ranking = result.ranking
+    return Found(rule, result)
 
 
 def super_weights(
@@ -39,11 +91,7 @@ def super_weights(
         source = f"super weights of {results}"
     else:
         found = find(setup, config)
-        coords = [c.coord for c in found.super_weights]
-        source = (
-            f"found by the locate rule on {len(config.prompts)} prompt(s), ranked on "
-            f"{found.ranking.n_tokens} tokens ({config.criterion.describe()})"
-        )
+        coords, source = found.super_weights, found.describe(config)
     if not coords:
         raise SwLensError(
             f"no super weight in {setup.loaded.name} ({source}); name one with --weight L,ROW,COL"
@@ -51,21 +99,35 @@ def super_weights(
     return coords, source
 
 
-def experiment_document(
-    kind: str, setup: Setup, config: LocateConfig, coords: list[WeightCoord], source: str
-) -> dict:
-    """What every experiment's results document starts with."""
-    model = setup.model
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": kind,
-        "model": setup.loaded.description(),
-        "super_weights": [
-            asdict(c) | {"value": weight_value(model, c), "w_out_index": list(c.w_out_index)}
-            for c in coords
-        ],
-        "super_weight_source": source,
-        "corpus": setup.corpus.name,
-        "config": asdict(config),
-        "provenance": provenance(setup.loaded.device, setup.loaded.dtype, config.seed),
-    }
+@dataclass
+class Experiment:
+    """An experiment on super weights, ready to run: the job, its loaded setup, the super
+    weights it works on and how they were chosen."""
+
+    config: LocateConfig
+    setup: Setup
+    coords: list[WeightCoord]
+    source: str
+
+    def document(self, kind: str) -> dict:
+        """What every experiment's results document starts with."""
+        setup, model = self.setup, self.setup.model
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": kind,
+            "model": setup.loaded.description(),
+            "super_weights": [
+                asdict(c) | {"value": weight_value(model, c), "w_out_index": list(c.w_out_index)}
+                for c in self.coords
+            ],
+            "super_weight_source": self.source,
+            "corpus": setup.corpus.name,
+            "config": asdict(self.config),
+            "provenance": provenance(setup.loaded.device, setup.loaded.dtype, self.config.seed),
+        }
+
+
+def prepare(config: LocateConfig, results: str | None = None) -> Experiment:
+    """Load what `config` names and choose the super weights (`super_weights`)."""
+    setup = load(config)
+    return Experiment(config, setup, *super_weights(setup, config, results))

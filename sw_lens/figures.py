@@ -51,6 +51,13 @@ def caption(document: dict) -> str:
     return f"{document['model']['name']}, prompt {prompts!r} ({bos})"
 
 
+def _prompts(document: dict) -> str:
+    """The scanned prompts of a track or explain document (one `prompt` before the
+    options became one schema)."""
+    prompts = document.get("prompts") or [document.get("prompt", "")]
+    return "prompt " + "; ".join(map(repr, prompts))
+
+
 def _save(fig, out_dir: Path, stem: str, text: str, title: str) -> list[Path]:
     """PDF and PNG with the caption `text` in the figure and in the files' metadata."""
     fig.supxlabel(text, fontsize=5, color=GREY)
@@ -283,7 +290,57 @@ red: the token became harder to predict. Mean increase {mean:.3f} nats.</p>
     return [path]
 
 
+EFFECT_TICKS = (0.9, 1, 1.1, 1.25, 1.5, 2, 3, 5, 10, 30, 100, 1e3, 1e4, 1e5, 1e6)
+
+
+@_drawn
+def search_figure(document: dict, out_dir: Path) -> list[Path]:
+    """Every weight the search measured: its effect against its rank by largest
+    contribution, marked by how it was found, with the criterion and the negligible line.
+    Nothing in the figure when the document predates the search (``find="rule"``)."""
+    search = document["search"]
+    if not search:
+        return []
+    measured = search["measured"]
+    marks = {  # the first source that applies
+        "spike rule": ("s", RED),
+        "saliency": ("^", "#2ca02c"),
+        "contribution": ("o", BLUE),
+        "walk": ("o", "#9ecae1"),
+        "sample": ("x", GREY),
+        "given": ("D", "#9467bd"),
+    }
+    fig, ax = _figure(2.4)
+    for how, (marker, colour) in marks.items():
+        group = [m for m in measured if next(h for h in marks if h in m["found_by"]) == how]
+        if group:
+            ax.scatter(
+                [m["contribution_rank"] for m in group],
+                [m["confirmed_effect"] or m["effect"] for m in group],
+                marker=marker,
+                color=colour,
+                s=10,
+                label=how,
+            )
+    ratio = document["criterion"]["min_ppl_ratio"]
+    ax.axhline(ratio, color=RED, lw=0.6, ls="--", label=f"criterion x{ratio:g}")
+    ax.axhline(search["parameters"]["negligible"], color=GREY, lw=0.6, ls=":")
+    ax.axvline(search["stop_rank"], color=GREY, lw=0.6, ls="-.", label="walk's end")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    top = max(m["confirmed_effect"] or m["effect"] for m in measured)
+    ax.set_yticks([t for t in EFFECT_TICKS if t <= max(top, ratio) * 1.05] or [1])
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"x{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("rank by largest contribution (1 = largest in the model)")
+    ax.set_ylabel("perplexity ratio, zeroed alone")
+    ax.legend(fontsize=5, ncols=2)
+    text = f"{document['model']['name']}: {search['verdict']}"
+    return _save(fig, out_dir, "search", text, "threshold-free search")
+
+
 FIGURES: list[Callable[[dict, Path], list[Path]]] = [
+    search_figure,
     spike_heatmap,
     perplexity_bars,
     weight_outlier,
@@ -343,7 +400,7 @@ def track_figure(document: dict, out_dir: Path) -> list[Path]:
         bottom.set_xlabel("training step (iter_num)")
         if weights:
             bottom.legend(frameon=False, ncols=2)
-        text = f"{len(records)} checkpoints, prompt {document['prompt']!r}"
+        text = f"{len(records)} checkpoints, {_prompts(document)}"
         return _save(fig, out_dir, "track", text, "super weights across training")
 
 
@@ -369,7 +426,7 @@ def decomposition_figure(document: dict, out_dir: Path) -> list[Path]:
         ax.set_xlabel("k largest products hook_post[pos, col] * W_out[col, row]")
         ax.set_ylabel("share of hook_mlp_out[pos, row]")
         ax.legend(frameon=False)
-        text = f"{document['model']['name']}, prompt {document['prompt']!r}"
+        text = f"{document['model']['name']}, {_prompts(document)}"
         return _save(fig, out_dir, "decomposition", text, "spike decomposition")
 
 

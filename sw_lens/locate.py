@@ -26,10 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import median
 
+import pydantic
 from jaxtyping import Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from sw_lens.options import Finite, option
 from sw_lens.patching import ablation_hooks, weight_value
 from sw_lens.perplexity import PerplexityResult, Protocol, evaluate_sweep
 from sw_lens.scan import LayerSpikes, ScanResult, Spike, scan
@@ -38,13 +40,15 @@ from sw_lens.vocabulary import WeightCoord, down_proj_parameter, stored_index
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True)
 class Criterion:
     """When a layer's down-projection spikes "stand out"; both hooks must pass."""
 
-    min_abs: float = 50.0  # |activation|, the official code's threshold
-    min_ratio: float = 10.0  # x the median over layers of the same hook's spike
-    min_ppl_ratio: float = 1.1  # perplexity x when zeroed alone, to be called super
+    min_abs: Finite = option(50.0, "min |activation| of a spike", flag="threshold")
+    min_ratio: Finite = option(10.0, "min spike / median over layers of the same hook's spike")
+    min_ppl_ratio: Finite = option(
+        1.1, "perplexity ratio (zeroed alone / baseline) to call a weight super"
+    )
 
     def describe(self) -> str:
         return (

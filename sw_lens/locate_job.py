@@ -8,18 +8,14 @@ the caller.
 """
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, astuple
 
-from sw_lens.experiment import find
+from sw_lens.experiment import Found, find
 from sw_lens.locate import Candidate, LocateResult
 from sw_lens.models import LoadedModel
 from sw_lens.outliers import weight_distribution
-from sw_lens.patching import ablation_hooks
-from sw_lens.perplexity import (
-    PerplexityResult,
-    evaluate,
-    paired_token_loss,
-)
+from sw_lens.patching import ablation_hooks, weight_value
+from sw_lens.perplexity import PerplexityResult, evaluate_sweep, paired_token_loss
 from sw_lens.predictions import top_predictions
 from sw_lens.registry import (
     CONVENTION,
@@ -31,9 +27,10 @@ from sw_lens.registry import (
     lookup,
 )
 from sw_lens.results import SCHEMA_VERSION, provenance
-from sw_lens.scan import ScanResult, layer_activations
+from sw_lens.scan import ScanResult, layer_activations, weight_spikes
+from sw_lens.search import SearchResult
 from sw_lens.setup import LocateConfig, load, prompt_tokens
-from sw_lens.vocabulary import WeightCoord
+from sw_lens.vocabulary import WeightCoord, down_proj_parameter, stored_index
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +44,23 @@ def _ablation_entry(label: str, coords, result: PerplexityResult, baseline: Perp
     } | result.to_dict()
 
 
-def candidate_dict(c: Candidate, loaded: LoadedModel) -> dict:
-    layer, row, col = c.coord.layer, c.coord.row, c.coord.col
-    checkpoint_param, checkpoint_index = loaded.checkpoint_weight(layer, row, col)
+def _weight_dict(coord: WeightCoord, loaded: LoadedModel) -> dict:
+    """The weight's value and its index in every layout we name."""
+    hf_param, linear = down_proj_parameter(loaded.bridge, coord.layer)
+    checkpoint_param, checkpoint_index = loaded.checkpoint_weight(*astuple(coord))
     return {
-        "layer": layer,
-        "row": row,
-        "col": col,
-        "value": c.value,
-        "w_out_index": list(c.coord.w_out_index),
-        "hf_param": c.hf_param,
-        "hf_index": list(c.hf_index),
+        **asdict(coord),
+        "value": weight_value(loaded.bridge, coord),
+        "w_out_index": list(coord.w_out_index),
+        "hf_param": hf_param,
+        "hf_index": list(stored_index(coord, linear)),
         "checkpoint_param": checkpoint_param,  # in the loaded file's own layout
         "checkpoint_index": list(checkpoint_index),
+    }
+
+
+def candidate_dict(c: Candidate, loaded: LoadedModel) -> dict:
+    return _weight_dict(c.coord, loaded) | {
         "iteration": c.iteration,
         "role": c.role,
         "token": c.mlp_out.token,
@@ -72,25 +73,122 @@ def candidate_dict(c: Candidate, loaded: LoadedModel) -> dict:
     }
 
 
+def _activations(model, texts: list, coord: WeightCoord) -> dict:
+    """For a weight the rule did not name: its super activation on the prompts (the
+    largest |output| in its row) and its input there."""
+    post, out = weight_spikes(model, texts, coord)
+    return {
+        "iteration": None,
+        "role": None,
+        "token": out.token,
+        "input_activation": asdict(post),
+        "output_activation": asdict(out),
+        "resid_mid": None,
+    }
+
+
 def ablation_sets(
-    found: LocateResult, given: list[WeightCoord], published: list[WeightCoord] = ()
+    found: Found, given: list[WeightCoord], published: list[WeightCoord] = ()
 ) -> list[tuple[str, list]]:
-    """What the report measures at the full budget: each super weight alone, each given
-    and each published weight alone (unless already measured), then all super weights
-    together (all candidates when none is super). The last set, when there is one, is the
-    headline ablation of the figures."""
-    sets = [(str(c.coord), [c.coord]) for c in found.super_weights]
-    measured = {c.coord for c in found.super_weights}
+    """What the report measures at the full budget: each super weight alone (strongest
+    first, so the first set is the headline of the figures and pages), each given and
+    each published weight alone (unless already measured), then all super weights
+    together (all of the rule's candidates when none is super)."""
+    supers = found.super_weights
+    sets = [(str(c), [c]) for c in supers]
+    measured = set(supers)
     for label, coords in (("given", given), ("published", published)):
         for coord in coords:
             if coord not in measured:
                 sets.append((f"{coord} ({label})", [coord]))
                 measured.add(coord)
-    if len(found.super_weights) > 1:
-        sets.append(("all super weights", [c.coord for c in found.super_weights]))
-    elif not found.super_weights and found.candidates:
-        sets.append(("all candidates", [c.coord for c in found.candidates]))
+    if len(supers) > 1:
+        sets.append(("all super weights", supers))
+    elif not supers and found.rule.candidates:
+        sets.append(("all candidates", [c.coord for c in found.rule.candidates]))
     return sets
+
+
+def report_ablations(setup, sets: list, search: SearchResult | None) -> tuple:
+    """The baseline and each set's perplexity on the reported budget, in one sweep; a
+    single weight the search already measured on that budget is not measured again."""
+    done = search.confirmed if search else {}
+    todo = [coords for _, coords in sets if not (len(coords) == 1 and coords[0] in done)]
+    if todo or not done:
+        corpus = setup.corpus.name
+        baseline, results = evaluate_sweep(
+            setup.model, setup.tokens, setup.protocol, corpus, todo, desc="report"
+        )
+    else:
+        baseline, results = search.confirmation, []
+    fresh = iter(results)
+    measured = [
+        (label, coords, done[coords[0]] if len(coords) == 1 and coords[0] in done else next(fresh))
+        for label, coords in sets
+    ]
+    return baseline, measured
+
+
+def headline(found: Found, measured: list) -> tuple | None:
+    """The ablation the token-loss page and the predictions show: the strongest super
+    weight alone; with none, the measured set with the largest effect."""
+    if not measured:
+        return None
+    if found.super_weights:
+        return measured[0]
+    return max(measured, key=lambda m: m[2].perplexity)
+
+
+def super_weight_dict(coord: WeightCoord, found: Found, loaded: LoadedModel, texts: list) -> dict:
+    """A super weight as the document records it: where it is in every layout, its
+    activations on the prompts, and how the search found and measured it."""
+    rule = {c.coord: c for c in found.rule.candidates}
+    if coord in rule:
+        entry = candidate_dict(rule[coord], loaded)
+    else:
+        entry = _weight_dict(coord, loaded) | _activations(loaded.bridge, texts, coord)
+    if found.search is not None:
+        m = next(m for m in found.search.measured if m.coord == coord)
+        entry |= {
+            "found_by": m.found_by,
+            "contribution_rank": m.contribution_rank,
+            "saliency_rank": m.saliency_rank,
+            "effect": m.confirmed_effect,
+            "ranking_effect": m.effect,
+            "is_super": m.is_super,
+        }
+    return entry
+
+
+def search_dict(result: SearchResult, rule: LocateResult) -> dict:
+    """The search's parameters, what it measured and its recall."""
+    rule_coords = {c.coord for c in rule.candidates}
+    supers = result.super_weights
+    beyond = [m for m in result.measured if set(m.found_by) <= {"walk", "sample"}]
+    return {
+        "parameters": asdict(result.parameters),
+        "verdict": result.verdict(),
+        "n_measured": len(result.measured),
+        "ranking": result.ranking.to_dict(),
+        "confirmation": result.confirmation and result.confirmation.to_dict(),
+        "stop_rank": result.stop_rank,
+        "stop_reason": result.stop_reason,
+        "screen_overlap": result.screen_overlap,
+        "largest_beyond_screens": max((m.effect for m in beyond), default=None),
+        "sample_max": result.sample_max,
+        "widened": result.widened,
+        "ranking_noise": result.ranking_noise,
+        "warnings": result.warnings,
+        "rule_recall": {
+            "found": sum(m.coord in rule_coords for m in supers),
+            "of": len(supers),
+            "missed": [asdict(m.coord) for m in supers if m.coord not in rule_coords],
+        },
+        "measured": [
+            asdict(m.coord) | {k: v for k, v in asdict(m).items() if k != "coord"}
+            for m in result.measured
+        ],
+    }
 
 
 def token_loss(loaded: LoadedModel, tokens, baseline, headline, config: LocateConfig) -> dict:
@@ -148,43 +246,44 @@ def run_locate(config: LocateConfig) -> dict:
     protocol, prepend_bos, texts = setup.protocol, setup.prepend_bos, setup.texts
     known = known_entry(config, loaded)
     found = find(setup, config)
+    rule = found.rule
 
     log.info("perplexity on %s: %s", corpus.name, protocol.describe())
-    baseline = evaluate(model, tokens, protocol, corpus.name, desc="baseline")
-    measured = []
     published = [w.coord for w in known.weights] if known else []
-    for label, coords in ablation_sets(found, config.weights, published):
-        measured.append(
-            (label, coords, evaluate(model, tokens, protocol, corpus.name, coords, desc=label))
-        )
-    shown = found.super_weights or found.candidates
-    headline = measured[-1] if measured else None
+    baseline, measured = report_ablations(
+        setup, ablation_sets(found, config.weights, published), found.search
+    )
+    shown = found.super_weights or [c.coord for c in rule.candidates]
+    top = headline(found, measured)
     prediction_ids = prompt_tokens(loaded, [config.prediction_prompt], prepend_bos)[0]
+    spikes = {c.coord: c.post.text for c in rule.candidates}
 
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "locate",
         "model": loaded.description(),
         "config": asdict(config),
-        "scan": scan_dict(found.scans[0], config.prompts),
+        "scan": scan_dict(rule.scans[0], config.prompts),
         "criterion": asdict(config.criterion) | {"description": config.criterion.describe()},
-        "iterations": len(found.scans),
-        "termination": found.termination,
-        "notes": found.notes,
-        "candidates": [candidate_dict(c, loaded) for c in found.candidates],
-        "super_weights": [candidate_dict(c, loaded) for c in found.super_weights],
-        "ranking": found.ranking.to_dict(),
+        "iterations": len(rule.scans),
+        "termination": rule.termination,
+        "notes": rule.notes,
+        "candidates": [candidate_dict(c, loaded) for c in rule.candidates],
+        "super_weights": [super_weight_dict(c, found, loaded, texts) for c in found.super_weights],
+        "super_weight_source": found.describe(config),
+        "search": found.search and search_dict(found.search, rule),
+        "ranking": rule.ranking.to_dict(),
         "perplexity": {
             "baseline": baseline.to_dict(),
             "ablations": [_ablation_entry(*m, baseline) for m in measured],
         },
-        "token_loss": headline and token_loss(loaded, tokens, baseline, headline, config),
-        "predictions": headline and predictions(model, prediction_ids, headline, config),
+        "token_loss": top and token_loss(loaded, tokens, baseline, top, config),
+        "predictions": top and predictions(model, prediction_ids, top, config),
         "layer_activations": [
-            asdict(layer_activations(model, texts[c.post.text], layer, config.top_channels))
-            for layer, c in sorted({c.coord.layer: c for c in shown}.items())
+            asdict(layer_activations(model, texts[spikes.get(c, 0)], layer, config.top_channels))
+            for layer, c in sorted({c.layer: c for c in shown}.items())
         ],
-        "weight_distributions": [asdict(weight_distribution(model, c.coord)) for c in shown],
-        "known": config.check_known and known_dict(config, known, model, found),
+        "weight_distributions": [asdict(weight_distribution(model, c)) for c in shown],
+        "known": config.check_known and known_dict(config, known, model, rule),
         "provenance": provenance(loaded.device, loaded.dtype, config.seed),
     }

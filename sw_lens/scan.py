@@ -272,6 +272,25 @@ def column_maxima(
     return found
 
 
+def weight_spikes(
+    model: TransformerBridge, texts: Sequence[Int[Tensor, "pos"]], coord: WeightCoord
+) -> tuple[Spike, Spike]:
+    """A weight's input and output on `texts`, where its output is largest: the
+    ``hook_post`` value of its column and the ``hook_mlp_out`` value of its row at the
+    token with the largest |hook_mlp_out[:, row]| (its super activation)."""
+    best = None
+    for text, ids in enumerate(texts):
+        value, pos, post = column_maxima(model, ids, [coord])[coord]
+        if best is None or abs(value) > abs(best[0]):
+            best = (value, pos, post, text)
+    value, pos, post, text = best
+    token = _token(model, texts[text], pos)
+    return (
+        Spike(hook_post(coord.layer), post, text, pos, coord.col, token),
+        Spike(hook_mlp_out(coord.layer), value, text, pos, coord.row, token),
+    )
+
+
 @dataclass
 class LayerActivations:
     """One layer's down-projection input and output on one text, at its top channels."""

@@ -1,49 +1,110 @@
 """What every job starts from: its configuration, the model, the corpus as tokens, the
 perplexity protocol and the scanned prompts, all loaded and checked before long work."""
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from typing import Literal
 
+import pydantic
 import torch
 from jaxtyping import Int
+from pydantic import Field
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from sw_lens.corpora import DEFAULT_CORPUS, Corpus, load_corpus, tokenize
+from sw_lens.corpora import DEFAULT_CORPUS, NAMED, Corpus, load_corpus, tokenize
 from sw_lens.errors import SwLensError
 from sw_lens.locate import Criterion
-from sw_lens.models import DEFAULT_MODEL, LoadedModel, load_model
+from sw_lens.models import DEFAULT_MODEL, DTYPES, EMBEDDED, LoadedModel, load_model
+from sw_lens.options import Bos, PositiveInt, Seed, Text, Texts, keys, option, options_of
 from sw_lens.patching import check_coords
 from sw_lens.perplexity import Protocol, check_window
 from sw_lens.predictions import CASE_STUDY_PROMPT
-from sw_lens.vocabulary import WeightCoord
+from sw_lens.search import SearchParameters
+from sw_lens.vocabulary import Coordinate
 
 PAPER_PROMPT = "Apple Inc. is a worldwide tech company."
 
 
-@dataclass
+@pydantic.dataclasses.dataclass
 class LocateConfig:
-    model: str = DEFAULT_MODEL
-    text: str = DEFAULT_CORPUS  # perplexity corpus: a named corpus or a file
-    prompts: list[str] = field(default_factory=lambda: [PAPER_PROMPT])  # scanned texts
-    device: str = "auto"
-    dtype: str = "float32"
-    window: int = 512
-    stride: int | None = None
-    batch_size: int = 4
-    max_tokens: int | None = 4096  # perplexity budget of the reported numbers
-    rank_tokens: int = 1024  # budget of the per-candidate effect ranking
-    bos: str = "auto"  # "auto" (the tokenizer's own convention), "yes" or "no"
-    iterations: int = 5
-    criterion: Criterion = field(default_factory=Criterion)
-    weights: list[WeightCoord] = field(default_factory=list)  # also measured, e.g. published
-    prediction_prompt: str = CASE_STUDY_PROMPT  # top-k next tokens before/after
-    html_tokens: int = 256  # scored tokens shown on the token-loss page
-    top_channels: int = 16  # channels per hook in the spike-layer heatmap
-    trust_remote_code: bool = False
-    tokenizer: str | None = None  # nanoGPT: meta.pkl or an HF tokenizer
-    seed: int = 0
-    check_known: str | None = None  # compare with the registry: "auto" (by model name) or a name
-    registry: str | None = None  # a registry file; None: the packaged one
+    """Every option of a job, declared once (`sw_lens.options`): the commands' options,
+    the sweep files' keys and what a library user passes all come from these fields."""
+
+    model: Text = option(
+        DEFAULT_MODEL,
+        "hub id (e.g. gpt2, Qwen/Qwen2.5-3B; HF cache works offline), HF-format directory, "
+        f".gguf file, nanoGPT ckpt.pt, or embedded: {', '.join(EMBEDDED)}",
+    )
+    text: Text = option(
+        DEFAULT_CORPUS, f"perplexity corpus: a UTF-8 file or one of {', '.join(NAMED)}"
+    )
+    prompts: Texts = option(
+        [PAPER_PROMPT], "text to scan for spikes; repeat for several", flag="prompt", cli="append"
+    )
+    device: Text = option("auto", "cpu, cuda, cuda:N or auto", group="loading")
+    dtype: Literal[tuple(DTYPES)] = option("float32", "weights and compute", group="loading")
+    window: PositiveInt = option(512, "tokens per window, BOS included")
+    stride: PositiveInt | None = option(None, "sliding-window stride (default: non-overlapping)")
+    batch_size: PositiveInt = option(4, "windows per forward")
+    max_tokens: PositiveInt | None = option(4096, "corpus tokens for the reported perplexities")
+    rank_tokens: PositiveInt = option(1024, "corpus tokens per effect ranking")
+    bos: Bos = option("auto", "prepend BOS (auto: as the model's tokenizer does)")
+    iterations: PositiveInt = option(
+        5, "maximum scans of the spike rule (ablate, rescan)", group="rule"
+    )
+    criterion: Criterion = Field(default_factory=Criterion)
+    find: Literal["search", "rule"] = option(
+        "search",
+        "how super weights are found: search (every down-projection weight screened by its "
+        "largest contribution and its saliency, the top measured, recall stated; the spike "
+        "rule reported alongside) or rule (the paper's spike rule alone)",
+    )
+    search: SearchParameters = Field(default_factory=SearchParameters)
+    weights: list[Coordinate] = option(
+        [],
+        "a weight given by hand: HF down_proj.weight[ROW, COL] of layer LAYER; repeat for "
+        "several (locate also zeroes it, e.g. a published super weight; an experiment takes "
+        "these as the super weights)",
+        flag="weight",
+        metavar="LAYER,ROW,COL",
+        cli="append",
+    )
+    trust_remote_code: bool = option(False, "allow a hub model's own code", group="loading")
+    tokenizer: Text | None = option(
+        None,
+        "for nanoGPT .pt checkpoints: meta.pkl or an HF tokenizer (default: meta.pkl found "
+        "beside the checkpoint or in data/<dataset>/, else GPT-2's BPE)",
+        group="loading",
+    )
+    seed: Seed = option(0, "0 to 2**32 - 1")
+    # Options of locate alone:
+    prediction_prompt: Text = option(
+        CASE_STUDY_PROMPT, "prompt of the next-token table", group="locate"
+    )
+    html_tokens: PositiveInt = option(
+        256, "scored tokens shown on the token-loss page", group="locate"
+    )
+    top_channels: PositiveInt = option(
+        16, "channels per hook in the spike-layer heatmap", group="locate"
+    )
+    check_known: Text | None = option(
+        None,
+        "compare with the registry of published super weights (by --model's name, or NAME, "
+        "e.g. Qwen/Qwen2.5-3B for a local copy) and measure the published weights too",
+        metavar="NAME",
+        const="auto",
+        group="locate",
+    )
+    registry: Text | None = option(
+        None, "registry TOML file (default: sw_lens's own)", group="locate"
+    )
+
+
+# The options every experiment on super weights takes, and every run of a sweep file;
+# loading a model and the spike rule are also options of explain, robustness and track.
+LOADING = keys(LocateConfig, "loading")
+RULE = keys(LocateConfig, "rule") + keys(Criterion, None)
+JOB = tuple(o.key for o in options_of(LocateConfig) if o.key not in keys(LocateConfig, "locate"))
 
 
 def resolve_bos(bos: str, loaded: LoadedModel) -> bool:

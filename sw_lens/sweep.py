@@ -2,8 +2,8 @@
 
 A sweep file (TOML) lists runs; each run is one model with its options and the
 experiments to run on it. The same run executes locally (`run_task`, one after another)
-or as one task of a SLURM job array (`experiments/slurm/sweep.sbatch`, which calls back
-into ``experiments/sweep.py task``). Every run writes its own folder under the sweep's
+or as one task of a SLURM job array (`sw_lens/data/sweep.sbatch`, which calls back
+into ``python -m experiments.sweep task``). Every run writes its own folder under the sweep's
 output folder, and a ``status.json`` saying whether each experiment succeeded, so a
 failed run never hides the others and ``report`` can tell finished, failed and missing
 runs apart. Example::
@@ -38,41 +38,25 @@ import csv
 import difflib
 import io
 import json
-import math
 import re
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 from sw_lens.documents import RunStatus, SweepPlan, validate
 from sw_lens.errors import SwLensError
+from sw_lens.options import check_table, one_line, options_of, to_argv
 from sw_lens.results import read_json, read_toml, write_atomic, write_json
+from sw_lens.setup import JOB, LocateConfig
 
 EXPERIMENTS = ("locate", "controls", "restore", "stopwords", "scaling", "quantize")
-# Run options: each becomes --option-name value of every experiment command.
-OPTIONS = {
-    "model": str,
-    "dtype": str,
-    "device": str,
-    "tokenizer": str,
-    "text": str,
-    "window": int,
-    "stride": int,
-    "batch_size": int,
-    "max_tokens": int,
-    "rank_tokens": int,
-    "bos": str,
-    "iterations": int,
-    "threshold": float,
-    "min_ratio": float,
-    "min_ppl_ratio": float,
-    "prompt": str,
-    "seed": int,
-    "trust_remote_code": bool,
-}
-RUN_KEYS = {"name", "experiments", "args", *OPTIONS}
+# Run options: the job's options (`sw_lens.setup.JOB`), checked and passed as on the
+# command line of every experiment.
+OPTIONS = options_of(LocateConfig, JOB)
+RUN_KEYS = {"name", "experiments", "args", *JOB}
 STATUS = "status.json"
 
 
@@ -101,9 +85,10 @@ def _strings(value, where: str) -> list[str]:
 
 def _one_line(value: str, where: str) -> str:
     """Nothing from a sweep file may start a new line of the generated script."""
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise SwLensError(f"{where} contains a newline or control character: {value!r:.60}")
-    return value
+    try:
+        return one_line(value)
+    except ValueError as err:
+        raise SwLensError(f"{where} {err}") from None
 
 
 # --- [slurm]: every value has a grammar; each becomes one #SBATCH line -------------------
@@ -183,19 +168,14 @@ class Run:
     def folder(self, out: Path) -> Path:
         return out / "runs" / f"{self.index:03d}-{self.name}"
 
-    def commands(self, out: Path, python: str, repo: Path) -> list[list[str]]:
+    def commands(self, out: Path, python: str) -> list[list[str]]:
         """One command line per experiment; experiments after `locate` reuse its super
         weights through ``--results``."""
         folder = self.folder(out)
         commands = []
         for experiment in self.experiments:
-            argv = [python, str(repo / "experiments" / f"{experiment}.py"), "--out", str(folder)]
-            for key, value in self.options.items():
-                flag = "--" + key.replace("_", "-")
-                if OPTIONS[key] is bool:
-                    argv += [flag] if value else []
-                else:  # one word: a value such as "--help" stays a value
-                    argv.append(f"{flag}={value}")
+            argv = [python, "-m", f"experiments.{experiment}", "--out", str(folder)]
+            argv += to_argv(OPTIONS, self.options)
             if experiment != "locate" and "locate" in self.experiments:
                 argv += ["--results", str(folder / "results.json")]
             commands.append(argv + self.args.get(experiment, []))
@@ -224,21 +204,7 @@ def _slug(text: str) -> str:
 
 def _checked_options(options, where: str) -> dict:
     _unknown(_table(options, where), RUN_KEYS, where)
-    checked = {}
-    for key, value in options.items():
-        if key in ("name", "experiments", "args"):
-            continue
-        kind = OPTIONS[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise SwLensError(f"{where}: '{key}' must be {kind.__name__}, got {value!r:.60}")
-        if kind is float and not math.isfinite(value):
-            raise SwLensError(f"{where}: '{key}' must be a finite number, got {value!r}")
-        if kind is str:
-            _one_line(value, f"{where}: '{key}'")
-        checked[key] = value
-    return checked
+    return check_table(OPTIONS, {k: v for k, v in options.items() if k in JOB}, where)
 
 
 def _checked_args(args, where: str) -> dict[str, list[str]]:
@@ -341,7 +307,7 @@ def _error_line(stderr: str) -> str:
     return (errors or lines or ["(no output)"])[-1].removeprefix("error: ")
 
 
-def run_task(sweep: Sweep, index: int, python: str, repo: Path) -> dict:
+def run_task(sweep: Sweep, index: int, python: str) -> dict:
     """Run one run's experiments one after another (an experiment that fails ends the
     run: the later ones depend on it) and write its ``status.json``."""
     if not 0 <= index < len(sweep.runs):
@@ -351,9 +317,7 @@ def run_task(sweep: Sweep, index: int, python: str, repo: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     steps = []
     status = "ok"
-    for experiment, argv in zip(
-        run.experiments, run.commands(sweep.out, python, repo), strict=True
-    ):
+    for experiment, argv in zip(run.experiments, run.commands(sweep.out, python), strict=True):
         start = time.monotonic()
         done = subprocess.run(argv, capture_output=True, text=True)
         (folder / f"{experiment}.log").write_text(done.stdout + done.stderr)
@@ -380,7 +344,7 @@ def python_and_repo() -> tuple[str, Path]:
 
 # --- SLURM -------------------------------------------------------------------------------
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "experiments" / "slurm" / "sweep.sbatch"
+TEMPLATE = files("sw_lens") / "data" / "sweep.sbatch"
 
 
 def sbatch_lines(sweep: Sweep, indices: list[int]) -> list[str]:

@@ -1,21 +1,21 @@
 """Super weights across training checkpoints: when do they appear, and how large are they?
 
-Each checkpoint is loaded, scanned on the same prompt and run through the same rule;
+Each checkpoint is loaded, scanned on the same prompts and run through the same rule;
 optionally its perplexity is measured with and without what was found. Checkpoints are
 processed one at a time, so memory holds one model.
 """
 
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from sw_lens.corpora import load_corpus, tokenize
 from sw_lens.errors import SwLensError
-from sw_lens.locate import Criterion, locate
+from sw_lens.locate import locate
 from sw_lens.models import load_model, resolve_device, resolve_dtype
 from sw_lens.perplexity import Protocol, check_window, evaluate
 from sw_lens.results import SCHEMA_VERSION, provenance
-from sw_lens.setup import prompt_tokens
+from sw_lens.setup import LocateConfig, prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,11 @@ def checkpoint_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def track_checkpoint(
-    path: Path,
-    prompt: str,
-    criterion: Criterion,
-    iterations: int,
-    device: str,
-    dtype: str,
-    tokenizer: str | None,
-    ppl: tuple[Protocol, str] | None,
-) -> dict:
-    loaded = load_model(str(path), device, dtype, tokenizer_name=tokenizer)
+def track_checkpoint(path: Path, config: LocateConfig, ppl: bool) -> dict:
+    loaded = load_model(str(path), config.device, config.dtype, tokenizer_name=config.tokenizer)
     model = loaded.bridge
-    texts = prompt_tokens(loaded, [prompt], loaded.adds_bos)
-    found = locate(model, texts, loaded.adds_bos, criterion, iterations)
+    texts = prompt_tokens(loaded, config.prompts, loaded.adds_bos)
+    found = locate(model, texts, loaded.adds_bos, config.criterion, config.iterations)
     layers = found.scans[0].layers
     spike = max(layers, key=lambda s: s.mlp_out.magnitude)
     record = {
@@ -78,11 +69,12 @@ def track_checkpoint(
         ],
         "perplexity": None,
     }
-    if ppl is not None:
-        protocol, text = ppl
-        protocol = replace(protocol, prepend_bos=loaded.adds_bos)  # the model's convention
+    if ppl:
+        protocol = Protocol(  # BOS: the model's own convention
+            config.window, config.stride, loaded.adds_bos, config.max_tokens, config.batch_size
+        )
         check_window(model, protocol)
-        corpus = load_corpus(text)
+        corpus = load_corpus(config.text)
         budget = protocol.max_tokens and max(protocol.max_tokens, protocol.window)
         tokens = tokenize(loaded.tokenizer, corpus.text, model.cfg.d_vocab, budget)
         baseline = evaluate(model, tokens, protocol, corpus.name, desc="baseline")
@@ -106,32 +98,22 @@ def track_checkpoint(
     return record
 
 
-def track(
-    paths: list[Path],
-    prompt: str,
-    criterion: Criterion = Criterion(),
-    iterations: int = 5,
-    device: str = "auto",
-    dtype: str = "float32",
-    tokenizer: str | None = None,
-    ppl: tuple[Protocol, str] | None = None,
-    seed: int = 0,
-) -> dict:
+def track(paths: list[Path], config: LocateConfig, ppl: bool = False) -> dict:
     """The track document: one record per checkpoint, in training order."""
     records = []
     for path in paths:
         log.info("checkpoint %s", path)
-        records.append(
-            track_checkpoint(path, prompt, criterion, iterations, device, dtype, tokenizer, ppl)
-        )
+        records.append(track_checkpoint(path, config, ppl))
     records.sort(key=lambda r: (r["iter_num"] is None, r["iter_num"] or 0, r["path"]))
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "track",
-        "prompt": prompt,
-        "criterion": asdict(criterion) | {"description": criterion.describe()},
+        "prompts": config.prompts,
+        "criterion": asdict(config.criterion) | {"description": config.criterion.describe()},
         "checkpoints": records,
-        "provenance": provenance(resolve_device(device), resolve_dtype(dtype), seed),
+        "provenance": provenance(
+            resolve_device(config.device), resolve_dtype(config.dtype), config.seed
+        ),
     }
 
 

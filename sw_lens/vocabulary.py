@@ -9,8 +9,10 @@ are TransformerLens's, which users already know.
 """
 
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 from jaxtyping import Float
+from pydantic import BeforeValidator
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -32,6 +34,27 @@ class WeightCoord:
 
     def __str__(self) -> str:
         return f"layer {self.layer} down_proj.weight[{self.row}, {self.col}]"
+
+    def cli_text(self) -> str:
+        """``LAYER,ROW,COL``, as ``--weight`` takes it."""
+        return f"{self.layer},{self.row},{self.col}"
+
+
+def _coordinate(value: Any) -> Any:
+    """``"LAYER,ROW,COL"`` (a command line) or ``[layer, row, col]`` (a sweep file)."""
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.split(",")]
+        except ValueError:
+            raise ValueError(f"expected LAYER,ROW,COL integers, got {value!r:.60}") from None
+    if isinstance(value, list):
+        if len(value) != 3 or not all(type(v) is int and v >= 0 for v in value):
+            raise ValueError(f"expected LAYER,ROW,COL non-negative integers, got {value!r:.60}")
+        return WeightCoord(*value)
+    return value
+
+
+Coordinate = Annotated[WeightCoord, BeforeValidator(_coordinate)]  # an option's type
 
 
 # --- hook names: a layer index, or a letter such as "l" for a label ------------------------

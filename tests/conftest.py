@@ -199,7 +199,7 @@ def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
     finally:
         signal.signal(signal.SIGINT, handler)
         sys.unraisablehook, sys.argv = hook, argv
-        import _cli
+        from experiments import _cli
 
         _cli.reset()
     return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
@@ -235,26 +235,27 @@ def toy_text(n_sentences: int, seed: int) -> str:
     )
 
 
-def _replant_toy(model) -> None:
+def _replant_toy(model, plants: list[Plant]) -> None:
     with torch.no_grad():
-        model.get_input_embeddings().weight[:, TOY.dim] = 1.0
-        layer = model.model.layers[TOY.layer]
-        layer.post_attention_layernorm.weight[TOY.dim] = 1.0
-        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
-            proj.weight[TOY.col, :] = 0.0
-            proj.weight[TOY.col, TOY.dim] = DRIVE["llama"]
-        layer.mlp.down_proj.weight[:, TOY.col] = 0.0
-        layer.mlp.down_proj.weight[TOY.row, TOY.col] = TOY.value
+        for p in plants:
+            model.get_input_embeddings().weight[:, p.dim] = 1.0
+            layer = model.model.layers[p.layer]
+            layer.post_attention_layernorm.weight[p.dim] = 1.0
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                proj.weight[p.col, :] = 0.0
+                proj.weight[p.col, p.dim] = DRIVE["llama"]
+            layer.mlp.down_proj.weight[:, p.col] = 0.0
+            layer.mlp.down_proj.weight[p.row, p.col] = p.value
 
 
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory) -> Path:
-    """An HF directory with the trained toy model and a held-out corpus.txt (~4 s)."""
+def train_toy(plants: list[Plant], folder: Path) -> Path:
+    """Train the toy model with `plants` re-planted after every step, so that it relies
+    on them; saved with a held-out corpus.txt (~4 s)."""
     config = hf_config("llama")
     config.num_hidden_layers = TOY_LAYERS
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    _replant_toy(model)
+    _replant_toy(model, plants)
     ids = torch.tensor(byte_tokenizer()(toy_text(3000, seed=0))["input_ids"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
@@ -265,10 +266,16 @@ def toy(tmp_path_factory) -> Path:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        _replant_toy(model)
-    path = save(model.eval(), tmp_path_factory.mktemp("toy") / "toy")
+        _replant_toy(model, plants)
+    path = save(model.eval(), folder / "toy")
     (path / "corpus.txt").write_text(toy_text(400, seed=1))
     return path
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> Path:
+    """An HF directory with the trained toy model and a held-out corpus.txt."""
+    return train_toy([TOY], tmp_path_factory.mktemp("toy"))
 
 
 LOCATE_CORPUS = "A short corpus where the trigger A appears, A again, and more words. " * 8
@@ -289,6 +296,7 @@ def results_file(tmp_path_factory):
         rank_tokens=128,
         prediction_prompt="xyz A",
         html_tokens=40,
+        find="rule",  # the rule's results; a random tiny model does not depend on its weight
+        criterion=Criterion(min_ppl_ratio=0.0),  # so the planted weight counts as super
     )
-    config.criterion = Criterion(min_ppl_ratio=0.0)  # the planted weight counts as super
     return write_json(tmp / "results.json", run_locate(config))

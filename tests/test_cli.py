@@ -41,6 +41,8 @@ def test_locate_finds_the_planted_weight_and_writes_results(tiny_dir, corpus_fil
         "xyz A qrs",
         "--min-ppl-ratio",
         "0",
+        "--find",
+        "rule",
         "--out",
         out,
         *SMALL,

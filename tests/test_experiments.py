@@ -76,14 +76,18 @@ def test_super_weights_come_from_the_rule_or_a_results_file(tmp_path):
     corpus.write_text("Some words with the trigger A in them, and A again. " * 12)
     common = ["--model", model, "--text", corpus, "--prompt", "xyz A qrs", *SMALL]
     out = tmp_path / "found"
-    done = run_experiment("scaling.py", *common, "--min-ppl-ratio", "0", "--out", out)
+    done = run_experiment(
+        "scaling.py", *common, "--min-ppl-ratio", "0", "--find", "rule", "--out", out
+    )
     assert done.returncode == 0, done.stderr
     doc = json.loads((out / "scaling.json").read_text())
     assert [(w["layer"], w["row"], w["col"]) for w in doc["super_weights"]] == [(1, 5, 17)]
-    assert doc["super_weight_source"].startswith("found by the locate rule")
+    assert doc["super_weight_source"].startswith("found by the spike rule")
 
     located = tmp_path / "located"
-    done = run_experiment("locate.py", *common, "--min-ppl-ratio", "0", "--out", located)
+    done = run_experiment(
+        "locate.py", *common, "--min-ppl-ratio", "0", "--find", "rule", "--out", located
+    )
     assert done.returncode == 0, done.stderr
     out = tmp_path / "from-results"
     results = located / "results.json"
@@ -96,7 +100,7 @@ def test_super_weights_come_from_the_rule_or_a_results_file(tmp_path):
 def test_bad_experiment_input_is_one_line(toy, tmp_path):
     out = tmp_path / "out"
     cases = [
-        ("controls.py", [], "name one with --weight"),  # the rule finds none on the toy
+        ("controls.py", ["--find", "rule"], "name one with --weight"),  # the rule finds none
         ("quantize.py", ["--weight", TOY_WEIGHT, "--bits", "1"], "bits must be between 2 and 16"),
         ("restore.py", ["--weight", TOY_WEIGHT, "--fraction", "2"], "fraction must be in (0, 1]"),
         ("scaling.py", ["--weight", "1,99,17"], "row out of range, d_model is 32"),

@@ -91,7 +91,7 @@ def test_a_hostile_token_stays_text_from_locate_and_from_figures(tmp_path):
         "locate.py",
         *("--model", model, "--text", corpus, "--prompt", f"xyz A {PAYLOAD}"),
         *("--window", "64", "--max-tokens", "256", "--rank-tokens", "128", "--device", "cpu"),
-        *("--min-ppl-ratio", "0", "--out", out),
+        *("--min-ppl-ratio", "0", "--find", "rule", "--out", out),
     )
     assert done.returncode == 0, done.stderr
     document = json.loads((out / "results.json").read_text())

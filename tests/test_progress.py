@@ -55,10 +55,10 @@ def test_a_redirected_command_shows_progress_lines_unless_quiet(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Some words with the trigger A in them, and A again. " * 12)
     args = ["--model", model, "--text", corpus, "--window", "64", "--max-tokens", "256"]
-    args += ["--rank-tokens", "128", "--device", "cpu", "--prompt", "xyz A qrs"]
+    args += ["--rank-tokens", "128", "--device", "cpu", "--prompt", "xyz A qrs", "--find", "rule"]
     done = run_experiment("locate.py", *args, "--out", tmp_path / "a")
     assert done.returncode == 0, done.stderr
-    baseline = [m for m in map(LINE.match, done.stderr.splitlines()) if m and m[1] == "baseline"]
-    assert baseline and baseline[-1].groups()[1:] == ("4", "4", "window")
+    report = [m for m in map(LINE.match, done.stderr.splitlines()) if m and m[1] == "report"]
+    assert report and report[-1].groups()[1:] == ("4", "4", "window")
     quiet = run_experiment("locate.py", *args, "--out", tmp_path / "b", "--quiet")
     assert quiet.returncode == 0 and not any(map(LINE.match, quiet.stderr.splitlines()))

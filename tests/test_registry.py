@@ -126,7 +126,12 @@ def test_locate_check_known_against_a_registry_file(tmp_path):
     )
     out = tmp_path / "out"
     args = ["--model", model, "--text", corpus, "--prompt", "xyz A qrs", "--out", out, *SMALL]
-    args += ["--min-ppl-ratio", "0"]  # a random tiny model does not depend on its planted weight
+    args += [
+        "--min-ppl-ratio",
+        "0",
+        "--find",
+        "rule",
+    ]  # a random tiny model does not depend on its planted weight
     done = run_experiment("locate.py", *args, "--check-known", "--registry", registry)
     assert done.returncode == 0, done.stderr
     doc = json.loads((out / "results.json").read_text())

@@ -20,6 +20,7 @@ DEFAULTS = {
     "rank_tokens": 128,
     "prompt": "xyz A qrs",
     "min_ppl_ratio": 0,
+    "find": "rule",  # a random tiny model does not depend on its planted weight
 }
 
 
@@ -64,10 +65,10 @@ def test_a_sweep_runs_locally_and_reports_every_run(models):
     sweep = load_sweep(write_sweep(models, three_runs(models)))
     assert [r.name for r in sweep.runs] == ["tiny-llama", "no-such-model", "tiny-gpt2"]
     assert sweep.runs[0].options["window"] == 64 and sweep.runs[2].experiments[1] == "scaling"
-    python, repo = python_and_repo()
+    python, _ = python_and_repo()
     (sweep.out).mkdir()
     (sweep.out / "sweep.json").write_text(json.dumps(sweep.to_dict()))
-    statuses = [run_task(sweep, i, python, repo)["status"] for i in (0, 1)]
+    statuses = [run_task(sweep, i, python)["status"] for i in (0, 1)]
     assert statuses == ["ok", "failed"]
     rows, _ = collect(sweep.out)
     by_run = {r["run"]: r for r in rows}
@@ -132,7 +133,7 @@ def test_the_sbatch_script_is_rendered_from_the_sweep_and_is_valid_bash(models):
         "--account=lab",
     ]
     assert "module load cuda\nsource ~/venv/bin/activate" in script
-    assert f"experiments/sweep.py task '{sweep.path}'" in script
+    assert f"-m experiments.sweep task '{sweep.path}'" in script
     path = models / "rendered.sbatch"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
@@ -142,7 +143,10 @@ def test_the_sbatch_script_is_rendered_from_the_sweep_and_is_valid_bash(models):
     ("text", "message"),
     [
         ("[[runs]]\nmodle = 'gpt2'\n", "unknown key 'modle'; did you mean 'model'?"),
-        ("[defaults]\nwindow = 'big'\n[[runs]]\nmodel = 'gpt2'\n", "'window' must be int"),
+        (
+            "[defaults]\nwindow = 'big'\n[[runs]]\nmodel = 'gpt2'\n",
+            "'window' must be a valid integer, got 'big'",
+        ),
         ("[slurm]\npartion = 'gpu'\n[[runs]]\nmodel = 'gpt2'\n", "did you mean 'partition'?"),
         ("[[runs]]\nmodel = 'gpt2'\nexperiments = ['locat']\n", "did you mean 'locate'?"),
         ("[sweep]\n", "has no [[runs]]"),
@@ -160,7 +164,7 @@ def test_the_sbatch_script_is_rendered_from_the_sweep_and_is_valid_bash(models):
         ("[[runs]]\nmodel = 'gpt2'\nexperiments = 'locate'\n", "must be a list of strings"),
         ("[[runs]]\nmodel = 'gpt2'\nthreshold = nan\n", "'threshold' must be a finite number"),
         ("[[runs]]\nmodel = 'gpt2'\nmin_ratio = inf\n", "'min_ratio' must be a finite number"),
-        ("[[runs]]\nmodel = 3\n", "'model' must be str"),
+        ("[[runs]]\nmodel = 3\n", "'model' must be a valid string, got 3"),
     ],
 )
 def test_a_bad_sweep_file_is_one_line(tmp_path, text, message):
@@ -177,11 +181,11 @@ def test_a_typo_in_a_sweep_file_exits_2_and_writes_nothing(tmp_path):
         done = run_experiment("sweep.py", command, path)
         assert done.returncode == 2
         assert done.stderr.strip().endswith(
-            "did you mean 'dtype'? (valid: args, batch_size, bos, "
-            "device, dtype, experiments, iterations, max_tokens, "
-            "min_ppl_ratio, min_ratio, model, name, prompt, "
-            "rank_tokens, seed, stride, text, threshold, "
-            "tokenizer, trust_remote_code, window)"
+            "did you mean 'dtype'? (valid: args, batch_size, bos, confirm_margin, device, "
+            "dtype, experiments, find, iterations, max_tokens, max_walk, min_ppl_ratio, "
+            "min_ratio, model, name, negligible, prompt, rank_tokens, recall_sample, "
+            "search_k, seed, stop_run, stride, text, threshold, tokenizer, "
+            "trust_remote_code, weight, window)"
         )
         assert "Traceback" not in done.stderr and not out.exists()
 
@@ -214,8 +218,7 @@ def test_experiment_options_reach_only_their_experiment(tmp_path):
         '[[runs]]\nmodel = "gpt2"\nargs = { controls = ["--n-largest", "129"] }\n'
     )
     (run,) = load_sweep(path).runs
-    python, repo = python_and_repo()
-    locate, controls, quantize = run.commands(tmp_path / "out", python, repo)
+    locate, controls, quantize = run.commands(tmp_path / "out", "python")
     assert "--n-largest" not in locate and "--bits" not in locate
     assert controls[-2:] == ["--n-largest", "129"] and "--bits" not in controls
     assert quantize[-2:] == ["--bits", "4"] and "--results" in quantize
@@ -298,7 +301,7 @@ def test_paths_in_the_script_are_one_quoted_word_and_nothing_runs(tmp_path):
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == f"experiments/sweep.py task {path} 0 --out {sweep.out}"
+    assert done.stdout.splitlines()[-1] == f"-m experiments.sweep task {path} 0 --out {sweep.out}"
     assert not list(tmp_path.rglob("pwned*"))
     assert "#SBATCH --job-name=sw_lens-s-touch-pwned3\n" in script.read_text()
 
@@ -351,6 +354,5 @@ def test_report_cells_are_never_spreadsheet_formulas_and_values_never_options(tm
     path = tmp_path / "sweep.toml"
     path.write_text('[[runs]]\nmodel = "--help"\n')
     (run,) = load_sweep(path).runs
-    python, repo = python_and_repo()
-    (argv,) = run.commands(tmp_path / "out", python, repo)
+    (argv,) = run.commands(tmp_path / "out", "python")
     assert "--model=--help" in argv

@@ -8,17 +8,12 @@ a few minutes on one H100. --tiny runs a scaled-down config on CPU (the CI smoke
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/, for _cli
-
-from _cli import run  # noqa: E402
-from bench import (  # noqa: E402
+from bench import (
     byte_tokenizer,
     hook_vs_edit,
     prefix_reuse,
@@ -27,8 +22,9 @@ from bench import (  # noqa: E402
     throughput,
 )
 
-from sw_lens.fast import hf_twin  # noqa: E402
-from sw_lens.perplexity import Protocol, evaluate  # noqa: E402
+from experiments._cli import run
+from sw_lens.fast import hf_twin
+from sw_lens.perplexity import Protocol, evaluate
 from sw_lens.vocabulary import WeightCoord
 
 # Qwen/Qwen2.5-3B config.json, as published.

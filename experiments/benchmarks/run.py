@@ -5,21 +5,17 @@ Llama-shaped model instead: the CI smoke run, whose ratios mean nothing.
 """
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from bench import byte_tokenizer, prefix_reuse, scan_memory, table, throughput
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/, for _cli
-
-from _cli import run  # noqa: E402
-from bench import byte_tokenizer, prefix_reuse, scan_memory, table, throughput  # noqa: E402
-
-from sw_lens.corpora import load_corpus, tokenize  # noqa: E402
-from sw_lens.models import load_model  # noqa: E402
-from sw_lens.perplexity import Protocol  # noqa: E402
+from experiments._cli import run
+from sw_lens.corpora import load_corpus, tokenize
+from sw_lens.models import load_model
+from sw_lens.perplexity import Protocol
 from sw_lens.vocabulary import WeightCoord
 
 

@@ -1,0 +1,94 @@
+"""The threshold-free search's cost and memory on one model, as ratios measured in this
+process: time in single-pass equivalents (one pass = the baseline perplexity on the
+reported budget, timed here), against the plain run the search replaces (the spike
+rule's candidates ranked, and the report's ablations); and the search's peak memory
+above the loaded model (Linux: the peak resident set, reset before each step).
+
+Default: the embedded SmolLM2-135M with the default options, on CPU. --tiny uses a
+small random Llama-shaped model: the CI smoke run, whose ratios mean nothing.
+"""
+
+import argparse
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from bench import table
+from run import tiny_model
+
+from experiments._cli import run
+from sw_lens.experiment import find
+from sw_lens.locate_job import ablation_sets, report_ablations
+from sw_lens.perplexity import evaluate
+from sw_lens.setup import LocateConfig, load
+
+
+def resident() -> tuple[int, int]:
+    """(current, peak) resident bytes of this process, from /proc."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return (int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024)
+
+
+def measured(step):
+    """Seconds and peak resident bytes above the start of `step()`, and its result."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak to the current size
+    before, _ = resident()
+    start = time.perf_counter()
+    result = step()
+    seconds = time.perf_counter() - start
+    return seconds, resident()[1] - before, result
+
+
+def job(setup, config):
+    """What the locate job computes to decide and report: find, then the ablations."""
+    found = find(setup, config)
+    return found, report_ablations(setup, ablation_sets(found, config.weights), found.search)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tiny", action="store_true", help="smoke run on a tiny random model")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = LocateConfig(device=args.device)
+        if args.tiny:
+            config = LocateConfig(
+                model=tiny_model(Path(tmp)), device=args.device, window=64, max_tokens=256,
+                rank_tokens=128, prompts=["Apple Inc. is a tech company."],
+            )  # fmt: skip
+        setup = load(config)
+        evaluate(setup.model, setup.tokens, setup.protocol, "warm-up")
+        unit = min(
+            measured(lambda: evaluate(setup.model, setup.tokens, setup.protocol, "pass"))[0]
+            for _ in range(2)
+        )
+        plain_s, plain_mem, _ = measured(lambda: job(setup, replace(config, find="rule")))
+        search_s, search_mem, found = measured(lambda: find(setup, config))
+        sets = ablation_sets(found, config.weights)
+        report_s, _, _ = measured(lambda: report_ablations(setup, sets, found.search))
+    job_s = search_s + report_s
+    result = found.search
+    rows = [
+        ["plain run (spike rule ranked, report)", f"{plain_s:.1f}", f"{plain_s / unit:.1f}", "1.00",
+         f"{plain_mem / 2**20:.0f}"],
+        ["the search (screens, measurements, confirmation)", f"{search_s:.1f}",
+         f"{search_s / unit:.1f}", f"{search_s / plain_s:.2f}", f"{search_mem / 2**20:.0f}"],
+        ["search run (the search, report)", f"{job_s:.1f}", f"{job_s / unit:.1f}",
+         f"{job_s / plain_s:.2f}", ""],
+    ]  # fmt: skip
+    print(f"model {setup.loaded.name} on {setup.loaded.device}; one pass = the baseline on "
+          f"{setup.protocol.describe()}: {unit:.2f} s")  # fmt: skip
+    print(
+        table(
+            f"Threshold-free search: {len(result.measured)} weights measured, "
+            f"{len(result.confirmed)} confirmed on the reported budget; {result.verdict()}",
+            ["what", "seconds", "passes", "x plain run", "peak MiB above the model"],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    run(main)
