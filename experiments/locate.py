@@ -94,6 +94,11 @@ def print_search(search: dict) -> None:
                 f"x{m['confirmed_effect']:.3f}  contribution rank {m['contribution_rank']}, "
                 f"saliency rank {saliency}; found by {', '.join(m['found_by'])}"
             )
+    for m in search["missed_by_screens"]:
+        print(
+            f"  FINDING: layer {m['layer']} [{m['row']}, {m['col']}] matters but neither screen "
+            f"ranked it in its top {p['search_k']} (found by {', '.join(m['found_by'])})"
+        )
     recall = search["rule_recall"]
     if recall["of"]:
         print(f"  the spike rule alone finds {recall['found']} of these {recall['of']}")

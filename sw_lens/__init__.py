@@ -1,6 +1,7 @@
 """sw_lens: find super weights in language models with TransformerLens and measure them.
 
-Data flows one way: text -> tokens -> scan -> locate -> patching -> perplexity -> results.
+Data flows one way: text -> tokens -> scan -> locate / search -> patching -> perplexity
+-> results.
 """
 
 from sw_lens.corpora import Corpus, load_corpus, tokenize
@@ -12,6 +13,7 @@ from sw_lens.models import LoadedModel, load_model
 from sw_lens.patching import ablation_hooks, edited_weights
 from sw_lens.perplexity import PerplexityResult, Protocol, evaluate, evaluate_sweep
 from sw_lens.scan import ScanResult, scan, scan_with_cache
+from sw_lens.search import SearchParameters, SearchResult, search
 from sw_lens.vocabulary import WeightCoord
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "PerplexityResult",
     "Protocol",
     "ScanResult",
+    "SearchParameters",
+    "SearchResult",
     "SwLensError",
     "WeightCoord",
     "ablation_hooks",
@@ -39,5 +43,6 @@ __all__ = [
     "scan",
     "scan_layer_major",
     "scan_with_cache",
+    "search",
     "tokenize",
 ]

@@ -120,20 +120,20 @@ HOOKS = {
 @_drawn
 def layer_maxima(document: dict, out_dir: Path, log_scale: bool = True) -> list[Path]:
     """Per layer, the largest |down-projection input| and |output| on the scanned prompt
-    (the original project's two plots), with the weights found marked and annotated."""
+    (the original project's two plots), with the layers of the weights found marked and
+    their largest value's channel and token annotated."""
     layers = document["scan"]["layers"]
-    marks = {c["layer"]: c for c in document["super_weights"] or document["candidates"]}
+    marks = {c["layer"] for c in document["super_weights"] or document["candidates"]}
     paths = []
     for key, (stem, hook, what) in HOOKS.items():
         fig, ax = _figure(2.2)
         xs = [s["layer"] for s in layers]
         ax.plot(xs, [abs(s[key]["value"]) for s in layers], marker="o", markersize=2, color=BLUE)
-        for layer, c in marks.items():
-            spike = layers[layer][key]
-            channel = c["col"] if key == "post" else c["row"]
+        for layer in sorted(marks):
+            spike = layers[layer][key]  # the layer's largest value, where a weight was found
             ax.plot(layer, abs(spike["value"]), "o", color=RED, markersize=4)
             ax.annotate(
-                f"layer {layer}, ch {channel}\n{spike['token']!r}",
+                f"layer {layer}, ch {spike['channel']}\n{spike['token']!r}",
                 (layer, abs(spike["value"])),
                 xytext=(4, -2),
                 textcoords="offset points",

@@ -179,6 +179,12 @@ def search_dict(result: SearchResult, rule: LocateResult) -> dict:
         "widened": result.widened,
         "ranking_noise": result.ranking_noise,
         "warnings": result.warnings,
+        # A weight that matters but that neither screen ranked in its top: a finding.
+        "missed_by_screens": [
+            asdict(m.coord) | {"found_by": m.found_by}
+            for m in supers
+            if not {"contribution", "saliency"} & set(m.found_by)
+        ],
         "rule_recall": {
             "found": sum(m.coord in rule_coords for m in supers),
             "of": len(supers),

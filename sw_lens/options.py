@@ -94,12 +94,10 @@ def option(
     extra = {"flag": flag, "metavar": metavar, "cli": cli, "const": const, "group": group}
     extra = {key: value for key, value in extra.items() if value is not None}
     if isinstance(default, list):
-        return Field(default_factory=lambda: list(default), description=help, **_extra(extra))
-    return Field(default, description=help, **_extra(extra))
-
-
-def _extra(extra: dict) -> dict:
-    return {"json_schema_extra": extra} if extra else {}
+        return Field(
+            default_factory=lambda: list(default), description=help, json_schema_extra=extra
+        )
+    return Field(default, description=help, json_schema_extra=extra)
 
 
 # --- the derivation -----------------------------------------------------------------------
@@ -119,10 +117,6 @@ class _Option:
         return "--" + self.key.replace("_", "-")
 
     @property
-    def dest(self) -> str:
-        return self.key
-
-    @property
     def is_flag(self) -> bool:
         return self.annotation is bool
 
@@ -133,9 +127,7 @@ class _Option:
 
 def _options(cls: type, path: tuple[str, ...] = ()) -> Iterable[_Option]:
     for name, info in cls.__pydantic_fields__.items():
-        if dataclasses.is_dataclass(info.annotation) and hasattr(
-            info.annotation, "__pydantic_fields__"
-        ):
+        if hasattr(info.annotation, "__pydantic_fields__"):  # options nested in options
             yield from _options(info.annotation, (*path, name))
             continue
         extra = info.json_schema_extra or {}
@@ -208,7 +200,7 @@ def add_options(
     for o in options_of(cls, names):
         default = defaults.get(o.key, o.default)
         help = helps.get(o.key, o.help)
-        kwargs: dict[str, Any] = {"dest": o.dest, "help": help}
+        kwargs: dict[str, Any] = {"dest": o.key, "help": help}
         if "metavar" in o.extra:
             kwargs["metavar"] = o.extra["metavar"]
         if o.is_flag:
@@ -246,7 +238,7 @@ def from_args(cls: type, args: argparse.Namespace, **given: Any):
     `given` over both)."""
     values: dict[str, Any] = {}
     for o in _options(cls):
-        value = getattr(args, o.dest, None)
+        value = getattr(args, o.key, None)
         if value is None:
             continue  # not an option of this command, or not given: the field's default
         target = values

@@ -28,7 +28,7 @@ measured again on the reported budget, which decides whether they are super (a
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pydantic
 import torch
@@ -41,13 +41,18 @@ from sw_lens.errors import NonFiniteActivation
 from sw_lens.fast import down_proj_module, hf_twin
 from sw_lens.options import NonNegativeInt, PositiveFinite, PositiveInt, option
 from sw_lens.patching import weight_value
-from sw_lens.perplexity import IGNORE, PerplexityResult, Protocol, evaluate_sweep, window_batches
-from sw_lens.perplexity import windows as cut_windows
+from sw_lens.perplexity import (
+    IGNORE,
+    PerplexityResult,
+    Protocol,
+    evaluate_sweep,
+    window_batches,
+    windows,
+)
 from sw_lens.vocabulary import WeightCoord, down_proj_parameter
 
 log = logging.getLogger(__name__)
 
-SCREENS = ("contribution", "saliency")
 BANDS = 4  # decades of contribution below the stopping rank that the sample is spread over
 
 
@@ -139,7 +144,7 @@ class SearchResult:
 def _inputs(texts: Sequence[Tensor], tokens: Tensor, protocol: Protocol, model) -> list:
     """The forward passes of the screens: each prompt alone, then the corpus windows."""
     batches = [ids[None] for ids in texts]
-    cut = cut_windows(tokens, protocol, model.tokenizer.bos_token_id)
+    cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
     return batches + [ids for ids, _ in window_batches(cut, protocol, "cpu", "screen")]
 
 
@@ -188,10 +193,8 @@ def squared_gradients(
     downs = [down_proj_parameter(model, layer) for layer in range(model.cfg.n_layers)]
     weights = [twin.get_parameter(name) for name, _ in downs]
     totals = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-    cut = cut_windows(tokens, protocol, model.tokenizer.bos_token_id)
-    one_at_a_time = Protocol(
-        protocol.window, protocol.stride, protocol.prepend_bos, protocol.max_tokens, 1
-    )
+    cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
+    one_at_a_time = replace(protocol, batch_size=1)
     try:
         for p in params:
             p.requires_grad_(False)

@@ -37,8 +37,13 @@ from sw_lens.restore import restore
 from sw_lens.results import SCHEMA_VERSION, provenance
 from sw_lens.robustness import robustness
 from sw_lens.setup import LOADING, RULE, LocateConfig, prompt_tokens, resolve_bos
-from sw_lens.stopwords import STOPWORD_SOURCE, class_mass, lambada, last_word_contexts
-from sw_lens.stopwords import token_classes as vocabulary_classes
+from sw_lens.stopwords import (
+    STOPWORD_SOURCE,
+    class_mass,
+    lambada,
+    last_word_contexts,
+    token_classes,
+)
 
 # --- controls -------------------------------------------------------------------------------
 
@@ -185,7 +190,7 @@ def stopwords_study(experiment: Experiment, options: StopwordsOptions) -> dict:
         pairs = last_word_contexts(sentences(setup.corpus.text, options.n_prompts))
         prompt_source = f"{setup.corpus.name} sentences, last word held out"
     contexts = prompt_tokens(setup.loaded, [c for c, _ in pairs], setup.prepend_bos)
-    classes = vocabulary_classes(setup.loaded.tokenizer, setup.model.cfg.d_vocab)
+    classes = token_classes(setup.loaded.tokenizer, setup.model.cfg.d_vocab)
     mass = class_mass(setup.model, contexts, classes, coords)
     case = prompt_tokens(setup.loaded, [options.case_study], setup.prepend_bos)[0]
     return experiment.document("stopwords") | {

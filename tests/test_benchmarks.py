@@ -11,3 +11,9 @@ def test_benchmark_runs_on_a_tiny_config(script):
     assert done.returncode == 0, done.stderr
     for title in ("Perplexity throughput", "Scan memory", "Prefix reuse"):
         assert title in done.stdout
+
+
+def test_the_search_benchmark_runs_on_a_tiny_config():
+    done = run_experiment("benchmarks/search.py", "--tiny", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Threshold-free search" in done.stdout and "x plain run" in done.stdout

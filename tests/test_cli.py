@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import ONE, TRIGGER, Plant, build, hf_cache_snapshot, run_experiment, save
 
+from sw_lens.vocabulary import WeightCoord
+
 SMALL = ["--window", "64", "--max-tokens", "256", "--rank-tokens", "128", "--device", "cpu"]
 CORPUS = (
     f"A short corpus where the trigger {TRIGGER} appears, {TRIGGER} again, and more words. " * 8
@@ -179,3 +181,24 @@ def test_the_default_run_works_end_to_end_on_a_small_budget(tmp_path):
         assert 0 <= c["row"] < 576 and 0 <= c["col"] < 1536
     assert doc["perplexity"]["baseline"]["corpus"] == "lee"
     assert "perplexity on lee" in done.stdout
+
+
+def test_the_pages_show_the_strongest_super_weight_not_the_last_given(
+    tiny_dir, corpus_file, tmp_path
+):
+    """A --weight is measured and reported, but the token-loss page and the predictions
+    show the strongest super weight."""
+    out = tmp_path / "out"
+    done = run_locate(
+        *("--model", tiny_dir, "--text", corpus_file, "--prompt", "xyz A qrs"),
+        *("--min-ppl-ratio", "0", "--find", "rule", "--weight", "3,2,11", "--out", out),
+        *SMALL,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((out / "results.json").read_text())
+    labels = [a["label"] for a in doc["perplexity"]["ablations"]]
+    first = doc["super_weights"][0]
+    strongest = str(WeightCoord(first["layer"], first["row"], first["col"]))
+    assert labels[0] == strongest and labels[-1] != strongest  # the sets end with "all"
+    assert "layer 3 down_proj.weight[2, 11] (given)" in labels
+    assert doc["predictions"]["label"] == doc["token_loss"]["label"] == strongest

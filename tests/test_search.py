@@ -122,3 +122,15 @@ def test_the_search_leaves_every_parameter_bit_identical(toy):
     assert all(torch.equal(before[k], after[k]) for k in before)
     for n, p in setup.model.original_model.named_parameters():
         assert p.requires_grad == grads[n] and p.grad is None
+
+
+def test_a_sampled_weight_above_the_criterion_is_reported_and_widens_the_search(toy):
+    """At a criterion of x1.0 half of all weights qualify, so the random sample beyond the
+    walk finds some: the search says so and measures on down the ranking."""
+    parameters = SearchParameters(search_k=4, stop_run=2, recall_sample=8, max_walk=64)
+    config = toy_config(toy, criterion=Criterion(min_ppl_ratio=1.0), search=parameters)
+    result = find(load(config), config).search
+    assert result.widened >= 1 and len(result.warnings) == result.widened
+    assert "the random sample beyond contribution rank" in result.warnings[0]
+    walked = [m.contribution_rank for m in result.measured if "walk" in m.found_by]
+    assert max(walked) > result.stop_rank // 2  # measured past where the first walk stopped

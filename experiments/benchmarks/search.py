@@ -18,6 +18,7 @@ from bench import table
 from run import tiny_model
 
 from experiments._cli import run
+from sw_lens import search
 from sw_lens.experiment import find
 from sw_lens.locate_job import ablation_sets, report_ablations
 from sw_lens.perplexity import evaluate
@@ -38,6 +39,34 @@ def measured(step):
     result = step()
     seconds = time.perf_counter() - start
     return seconds, resident()[1] - before, result
+
+
+class Phases:
+    """Seconds spent in the search's screens and in its confirmation, by wrapping those
+    functions of `sw_lens.search` while the search runs."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.seconds = dict.fromkeys(names, 0.0)
+
+    def __enter__(self):
+        self.originals = {name: getattr(search, name) for name in self.seconds}
+        for name, original in self.originals.items():
+            setattr(search, name, self._timed(name, original))
+        return self
+
+    def _timed(self, name, original):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+
+        return timed
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(search, name, original)
 
 
 def job(setup, config):
@@ -65,16 +94,27 @@ def main() -> None:
             for _ in range(2)
         )
         plain_s, plain_mem, _ = measured(lambda: job(setup, replace(config, find="rule")))
-        search_s, search_mem, found = measured(lambda: find(setup, config))
+        with Phases(("post_maxima", "squared_gradients", "_confirm")) as phases:
+            search_s, search_mem, found = measured(lambda: find(setup, config))
         sets = ablation_sets(found, config.weights)
         report_s, _, _ = measured(lambda: report_ablations(setup, sets, found.search))
     job_s = search_s + report_s
     result = found.search
+    spent = phases.seconds
+    screens = spent["post_maxima"] + spent["squared_gradients"]
+    measuring = search_s - screens - spent["_confirm"]
+    parts = [
+        ("  screens (largest contribution, saliency)", screens),
+        (f"  {len(result.measured)} weights zeroed alone on the ranking budget", measuring),
+        (f"  {len(result.confirmed)} near or above the criterion, on the reported budget",
+         spent["_confirm"]),
+    ]  # fmt: skip
     rows = [
         ["plain run (spike rule ranked, report)", f"{plain_s:.1f}", f"{plain_s / unit:.1f}", "1.00",
          f"{plain_mem / 2**20:.0f}"],
         ["the search (screens, measurements, confirmation)", f"{search_s:.1f}",
          f"{search_s / unit:.1f}", f"{search_s / plain_s:.2f}", f"{search_mem / 2**20:.0f}"],
+        *([name, f"{t:.1f}", f"{t / unit:.1f}", f"{t / plain_s:.2f}", ""] for name, t in parts),
         ["search run (the search, report)", f"{job_s:.1f}", f"{job_s / unit:.1f}",
          f"{job_s / plain_s:.2f}", ""],
     ]  # fmt: skip
