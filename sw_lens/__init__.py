@@ -13,7 +13,7 @@ from sw_lens.models import LoadedModel, load_model
 from sw_lens.patching import ablation_hooks, edited_weights
 from sw_lens.perplexity import PerplexityResult, Protocol, evaluate, evaluate_sweep
 from sw_lens.scan import ScanResult, scan, scan_with_cache
-from sw_lens.search import SearchParameters, SearchResult, search
+from sw_lens.search import SearchParameters, SearchResult
 from sw_lens.vocabulary import WeightCoord
 
 __all__ = [
@@ -43,6 +43,5 @@ __all__ = [
     "scan",
     "scan_layer_major",
     "scan_with_cache",
-    "search",
     "tokenize",
 ]

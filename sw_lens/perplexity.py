@@ -11,7 +11,7 @@ the first token of a window has no context and is not scored.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import groupby
 
@@ -127,6 +127,43 @@ class PerplexityResult:
             "perplexity": self.perplexity,
             "n_restored": self.n_restored,
         }
+
+
+def shared_tokens(tokens: Tensor, short: Protocol, long: Protocol) -> int:
+    """How many corpus tokens make windows that `short` and `long` both cut, the same
+    (0 when none: another window or BOS, a stride, or a last window cut short). A
+    measurement under `long` can then reuse one under `short` and run only on
+    ``tokens[shared:]`` (`extended`)."""
+    shared = short.max_tokens or 0
+    if (
+        replace(short, max_tokens=long.max_tokens, batch_size=long.batch_size) != long
+        or short.stride is not None
+        or shared % short.context
+        or min(len(tokens), long.max_tokens or len(tokens)) - shared < long.context
+    ):
+        return 0
+    return shared
+
+
+def rest_of(protocol: Protocol, shared: int) -> Protocol:
+    """`protocol` for the corpus tokens after the first `shared`."""
+    return replace(protocol, max_tokens=protocol.max_tokens and protocol.max_tokens - shared)
+
+
+def extended(
+    first: PerplexityResult, rest: PerplexityResult, shared: int, protocol: Protocol
+) -> PerplexityResult:
+    """`first`, measured on the first `shared` corpus tokens, and `rest`, measured on the
+    tokens after them, as one result under `protocol`."""
+    token_nll = torch.cat([first.token_nll, rest.token_nll])
+    return PerplexityResult(
+        corpus=first.corpus,
+        protocol=protocol,
+        n_tokens=len(token_nll),
+        nll=float(token_nll.mean()),
+        token_nll=token_nll,
+        positions=torch.cat([first.positions, rest.positions + shared]),
+    )
 
 
 def check_window(model: TransformerBridge, protocol: Protocol) -> None:

@@ -46,6 +46,9 @@ from sw_lens.perplexity import (
     PerplexityResult,
     Protocol,
     evaluate_sweep,
+    extended,
+    rest_of,
+    shared_tokens,
     window_batches,
     windows,
 )
@@ -455,11 +458,24 @@ def _confirm(
     measure: _Measurer, model, tokens, protocol, corpus, above: float
 ) -> tuple[PerplexityResult | None, dict[WeightCoord, PerplexityResult]]:
     """Each weight whose effect on the ranking budget reaches `above`, zeroed alone again
-    on the reported budget: the reported baseline and each weight's perplexity."""
+    on the reported budget: the reported baseline and each weight's perplexity. Where
+    the ranking windows are the reported budget's first windows, they are not run again."""
     chosen = [c for c in measure.effects if measure.effect(c) >= above]
     if not chosen:
         return None, {}
+    shared = shared_tokens(tokens, measure.protocol, protocol)
     baseline, alone = evaluate_sweep(
-        model, tokens, protocol, corpus, [[c] for c in chosen], desc="confirm"
+        model,
+        tokens[shared:],
+        rest_of(protocol, shared),
+        corpus,
+        [[c] for c in chosen],
+        desc="confirm",
     )
+    if shared:
+        baseline = extended(measure.baseline, baseline, shared, protocol)
+        alone = [
+            extended(measure.effects[c], r, shared, protocol)
+            for c, r in zip(chosen, alone, strict=True)
+        ]
     return baseline, dict(zip(chosen, alone, strict=True))

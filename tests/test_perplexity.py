@@ -7,7 +7,7 @@ import torch
 from conftest import ONE, build, byte_tokenizer
 
 from sw_lens.errors import SwLensError
-from sw_lens.perplexity import Protocol, evaluate, windows
+from sw_lens.perplexity import Protocol, evaluate, extended, rest_of, shared_tokens, windows
 
 TEXT = "The quick brown fox jumps over the lazy dog. A super weight hides here. " * 6
 BOS = byte_tokenizer().bos_token_id
@@ -119,3 +119,23 @@ def test_protocol_is_described_and_saved_with_the_number(tiny):
     assert saved["protocol_description"] == (
         "token-level, window 32 (stride 8), BOS prepended, first 100 tokens"
     )
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_a_longer_budget_reuses_the_windows_of_a_shorter_one(tiny, bos):
+    tokens = corpus_ids()
+    short = Protocol(window=32, prepend_bos=bos, max_tokens=2 * (32 - bos))
+    long = Protocol(window=32, prepend_bos=bos, max_tokens=5 * (32 - bos))
+    shared = shared_tokens(tokens, short, long)
+    assert shared == short.max_tokens
+    first = evaluate(tiny.bridge, tokens, short, "t")
+    rest = evaluate(tiny.bridge, tokens[shared:], rest_of(long, shared), "t")
+    joined, direct = extended(first, rest, shared, long), evaluate(tiny.bridge, tokens, long, "t")
+    assert torch.equal(joined.positions, direct.positions) and joined.n_tokens == direct.n_tokens
+    assert joined.nll == pytest.approx(direct.nll, rel=1e-6)
+    for other in (
+        Protocol(window=32, stride=16, max_tokens=64),
+        Protocol(window=16, max_tokens=32),
+    ):
+        assert shared_tokens(tokens, other, long) == 0
+    assert shared_tokens(tokens, Protocol(window=32, prepend_bos=bos, max_tokens=40), long) == 0
