@@ -46,7 +46,7 @@ def find(setup: Setup, config: LocateConfig) -> Found:
     """The spike rule on the prompts, then either each of its candidates ranked by its
     effect (``find="rule"``) or the search, which measures them among the rest."""
     model, corpus = setup.model, setup.corpus.name
-    rule = locate(model, setup.texts, setup.prepend_bos, config.criterion, config.iterations)
+    rule = locate(model, setup.texts, setup.prompt_bos, config.criterion, config.iterations)
     if config.find == "rule":
         return Found(rank_by_effect(model, rule, setup.tokens, setup.rank_protocol, corpus), None)
     result = search(

@@ -249,7 +249,7 @@ def run_locate(config: LocateConfig) -> dict:
     """Run the locate job and return its results document."""
     setup = load(config)
     loaded, model, tokens, corpus = setup.loaded, setup.model, setup.tokens, setup.corpus
-    protocol, prepend_bos, texts = setup.protocol, setup.prepend_bos, setup.texts
+    protocol, prompt_bos, texts = setup.protocol, setup.prompt_bos, setup.texts
     known = known_entry(config, loaded)
     found = find(setup, config)
     rule = found.rule
@@ -261,7 +261,7 @@ def run_locate(config: LocateConfig) -> dict:
     )
     shown = found.super_weights or [c.coord for c in rule.candidates]
     top = headline(found, measured)
-    prediction_ids = prompt_tokens(loaded, [config.prediction_prompt], prepend_bos)[0]
+    prediction_ids = prompt_tokens(loaded, [config.prediction_prompt], prompt_bos)[0]
     spikes = {c.coord: c.post.text for c in rule.candidates}
 
     return {

@@ -48,7 +48,15 @@ class LocateConfig:
     batch_size: PositiveInt = option(4, "windows per forward")
     max_tokens: PositiveInt | None = option(4096, "corpus tokens for the reported perplexities")
     rank_tokens: PositiveInt = option(1024, "corpus tokens per effect ranking")
-    bos: Bos = option("auto", "prepend BOS (auto: as the model's tokenizer does)")
+    bos: Bos = option(
+        "auto", "prepend BOS to each corpus window (auto: as the model's tokenizer does)"
+    )
+    prompt_bos: Bos = option(
+        "auto",
+        "prepend BOS to each prompt: scanned, predicted, or a task's context (auto: as the "
+        "model's tokenizer does; a model's own convention for prompts can differ from the "
+        "one stated for the corpus)",
+    )
     iterations: PositiveInt = option(
         5, "maximum scans of the spike rule (ablate, rescan)", group="rule"
     )
@@ -143,7 +151,7 @@ class Setup:
     tokens: Int[Tensor, "n_tokens"]
     protocol: Protocol
     rank_protocol: Protocol  # the same with the ranking budget
-    prepend_bos: bool
+    prompt_bos: bool  # whether prompts start with BOS (the corpus: `protocol.prepend_bos`)
     texts: list[Int[Tensor, "pos"]]  # the scanned prompts
 
     @property
@@ -158,10 +166,14 @@ def load(config: LocateConfig) -> Setup:
         config.model, config.device, config.dtype, config.trust_remote_code, config.tokenizer
     )
     check_coords(loaded.bridge, config.weights)
-    prepend_bos = resolve_bos(config.bos, loaded)
     protocol = Protocol(
-        config.window, config.stride, prepend_bos, config.max_tokens, config.batch_size
+        config.window,
+        config.stride,
+        resolve_bos(config.bos, loaded),
+        config.max_tokens,
+        config.batch_size,
     )
+    prompt_bos = resolve_bos(config.prompt_bos, loaded)
     check_window(loaded.bridge, protocol)
     corpus = load_corpus(config.text)
     return Setup(
@@ -172,6 +184,6 @@ def load(config: LocateConfig) -> Setup:
         ),
         protocol=protocol,
         rank_protocol=replace(protocol, max_tokens=config.rank_tokens),
-        prepend_bos=prepend_bos,
-        texts=prompt_tokens(loaded, config.prompts, prepend_bos),
+        prompt_bos=prompt_bos,
+        texts=prompt_tokens(loaded, config.prompts, prompt_bos),
     )

@@ -149,7 +149,7 @@ def scaling_study(experiment: Experiment, options: ScalingOptions) -> dict:
     task = None
     if options.task_prompts > 0:
         pairs = last_word_contexts(sentences(setup.corpus.text, options.task_prompts))
-        contexts = prompt_tokens(setup.loaded, [c for c, _ in pairs], setup.prepend_bos)
+        contexts = prompt_tokens(setup.loaded, [c for c, _ in pairs], setup.prompt_bos)
         targets = [int(tokenize(setup.loaded.tokenizer, " " + word)[0]) for _, word in pairs]
         for point in points:
             point["accuracy"] = next_word_accuracy(
@@ -189,10 +189,10 @@ def stopwords_study(experiment: Experiment, options: StopwordsOptions) -> dict:
     else:
         pairs = last_word_contexts(sentences(setup.corpus.text, options.n_prompts))
         prompt_source = f"{setup.corpus.name} sentences, last word held out"
-    contexts = prompt_tokens(setup.loaded, [c for c, _ in pairs], setup.prepend_bos)
+    contexts = prompt_tokens(setup.loaded, [c for c, _ in pairs], setup.prompt_bos)
     classes = token_classes(setup.loaded.tokenizer, setup.model.cfg.d_vocab)
     mass = class_mass(setup.model, contexts, classes, coords)
-    case = prompt_tokens(setup.loaded, [options.case_study], setup.prepend_bos)[0]
+    case = prompt_tokens(setup.loaded, [options.case_study], setup.prompt_bos)[0]
     return experiment.document("stopwords") | {
         "stopword_list": STOPWORD_SOURCE,
         "prompt_source": prompt_source,
@@ -306,13 +306,13 @@ class RobustnessOptions:
     n_texts: PositiveInt = option(100, "sentences of --text, each scanned alone")
 
 
-ROBUSTNESS = ("model", "text", "prompt", "bos", "weight", *LOADING, *RULE)
+ROBUSTNESS = ("model", "text", "prompt", "prompt_bos", "weight", *LOADING, *RULE)
 
 
 def robustness_study(config: LocateConfig, options: RobustnessOptions) -> dict:
     """The rule on each text alone (the prompts, then sentences of the corpus)."""
     loaded = _load(config)
-    prepend_bos = resolve_bos(config.bos, loaded)
+    prepend_bos = resolve_bos(config.prompt_bos, loaded)
     texts = config.prompts + sentences(load_corpus(config.text).text, options.n_texts)
     ids = prompt_tokens(loaded, texts, prepend_bos)
     report = robustness(loaded.bridge, ids, prepend_bos, config.criterion, config.weights)

@@ -202,3 +202,17 @@ def test_the_pages_show_the_strongest_super_weight_not_the_last_given(
     assert labels[0] == strongest and labels[-1] != strongest  # the sets end with "all"
     assert "layer 3 down_proj.weight[2, 11] (given)" in labels
     assert doc["predictions"]["label"] == doc["token_loss"]["label"] == strongest
+
+
+def test_prompts_and_corpus_windows_take_their_own_bos(tiny_dir, corpus_file):
+    """A model's own convention for prompts, a stated one for the corpus: both recorded."""
+    from sw_lens.setup import LocateConfig, load
+
+    config = LocateConfig(
+        model=str(tiny_dir), text=str(corpus_file), device="cpu", window=64, max_tokens=128,
+        rank_tokens=64, bos="no", prompt_bos="yes",
+    )  # fmt: skip
+    setup = load(config)
+    bos = setup.loaded.tokenizer.bos_token_id
+    assert setup.prompt_bos and int(setup.texts[0][0]) == bos
+    assert not setup.protocol.prepend_bos and not setup.rank_protocol.prepend_bos

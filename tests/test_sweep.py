@@ -183,7 +183,7 @@ def test_a_typo_in_a_sweep_file_exits_2_and_writes_nothing(tmp_path):
         assert done.stderr.strip().endswith(
             "did you mean 'dtype'? (valid: args, batch_size, bos, confirm_margin, device, "
             "dtype, experiments, find, iterations, max_tokens, max_walk, min_ppl_ratio, "
-            "min_ratio, model, name, negligible, prompt, rank_tokens, recall_sample, "
+            "min_ratio, model, name, negligible, prompt, prompt_bos, rank_tokens, recall_sample, "
             "search_k, seed, stop_run, stride, text, threshold, tokenizer, "
             "trust_remote_code, weight, window)"
         )
