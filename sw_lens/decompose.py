@@ -106,17 +106,32 @@ def decompose(
     return result
 
 
-def recreated_at(d: Decomposition) -> int | None:
-    """The first later layer whose residual, with the top weight zeroed, is back to at least
-    `RECREATED` of its unablated value while that value is still massive (at least
-    `RECREATED` of the spike layer's); None when the spike stays removed."""
+def _later(d: Decomposition, same_sign: bool) -> int | None:
+    """The first later layer whose residual, with the top weight zeroed, is at least
+    `RECREATED` of its unablated value in size, with the same sign (or the opposite),
+    while that value is still massive (at least `RECREATED` of the spike layer's); None
+    when there is none, or when zeroing the weight did not remove the spike at all."""
     here, here_ablated = abs(d.residual[0]), abs(d.residual_ablated[0])
     if not here or here_ablated >= RECREATED * here:
-        return None  # zeroing the weight did not remove the spike in the first place
+        return None
     for offset, (orig, ablated) in enumerate(zip(d.residual, d.residual_ablated, strict=True)):
-        if offset and abs(orig) >= RECREATED * here and abs(ablated) >= RECREATED * abs(orig):
+        large = abs(orig) >= RECREATED * here and abs(ablated) >= RECREATED * abs(orig)
+        if offset and large and (ablated * orig > 0) == same_sign:
             return d.layer + offset
     return None
+
+
+def recreated_at(d: Decomposition) -> int | None:
+    """Where later layers re-create the spike with the top weight zeroed: the same sign
+    and at least `RECREATED` of the unablated size (a large value of the opposite sign is
+    something else, `flipped_at`)."""
+    return _later(d, same_sign=True)
+
+
+def flipped_at(d: Decomposition) -> int | None:
+    """Where, with the top weight zeroed, a later residual is as large but of the
+    opposite sign: later layers write that channel whatever the spike was."""
+    return _later(d, same_sign=False)
 
 
 def verdict(d: Decomposition) -> tuple[str, str]:
@@ -139,4 +154,11 @@ def verdict(d: Decomposition) -> tuple[str, str]:
         )
     else:
         kind, why = "one weight", "a single product carries most of the spike"
+        if (layer := flipped_at(d)) is not None:
+            i = layer - d.layer
+            why += (
+                f"; with it zeroed, layer {layer}'s residual is {d.residual_ablated[i]:+.4g} "
+                f"against {d.residual[i]:+.4g} unablated: as large, of the opposite sign, so "
+                f"later layers write that channel whatever the spike was (not a re-creation)"
+            )
     return kind, f"{where}: {shares}. Verdict: {kind} - {why}."

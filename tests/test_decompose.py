@@ -15,7 +15,7 @@ from conftest import (
 )
 from transformers import LlamaForCausalLM
 
-from sw_lens.decompose import decompose
+from sw_lens.decompose import Decomposition, decompose, flipped_at, recreated_at, verdict
 from sw_lens.models import load_model
 from sw_lens.results import read_json
 
@@ -84,3 +84,22 @@ def test_explain_prints_the_verdict_and_writes_results(tiny_dir, tmp_path):
     (d,) = read_json(tmp_path / "explain.json", "explain")["decompositions"]  # schema-valid
     assert (d["layer"], d["row"], d["top"][0][0]) == (ONE.layer, ONE.row, ONE.col)
     assert (tmp_path / "decomposition.png").is_file()
+
+
+def decomposition(residual, residual_ablated) -> Decomposition:
+    return Decomposition(
+        layer=2, row=5, pos=0, token="A", mlp_out=900.0, bias=0.0, top=[(17, 899.0)],
+        top1_share=0.999, top5_share=0.999, top20_share=0.999, bias_share=0.0,
+        cumulative=[0.999], residual=residual, residual_ablated=residual_ablated, verdict="",
+    )  # fmt: skip
+
+
+def test_a_residual_of_the_opposite_sign_is_not_the_spike_re_created():
+    """The case met on a real model: +886.8 unablated, -843.7 with the weight zeroed."""
+    flipped = decomposition([900.0, 886.8, 880.0], [5.0, -843.7, -850.0])
+    assert recreated_at(flipped) is None and flipped_at(flipped) == 3
+    kind, text = verdict(flipped)
+    assert kind == "one weight" and "-843.7 against +886.8" in text and "opposite sign" in text
+    back = decomposition([900.0, 886.8], [5.0, 700.0])
+    assert recreated_at(back) == 3 and flipped_at(back) is None
+    assert verdict(back)[0] == "re-created downstream"
