@@ -26,15 +26,17 @@ def print_report(document: dict) -> None:
     )
     print(
         f"{'weight (HF down_proj.weight)':<28} {'by rule':>10} {'top spike':>10} "
-        f"{'median |act|':>12} {'max |act|':>10}  fires on (where named)     flags"
+        f"{'median |w*post|':>15} {'max |w*post|':>12} {'max |row|':>10}  "
+        f"fires on (where named)     flags"
     )
     for r in document["weights"]:
         kinds = ", ".join(f"{k} {n}" for k, n in r["kinds"].items() if n) or "-"
         n, weight = r["n_texts"], f"layer {r['layer']} [{r['row']}, {r['col']}]"
         print(
             f"{weight:<28} "
-            f"{r['n_rule']:>4}/{n:<5} {r['n_top']:>4}/{n:<5} {r['median_activation']:>12.4g} "
-            f"{r['max_activation']:>10.4g}  {kinds:<26} {'; '.join(r['flags'])}"
+            f"{r['n_rule']:>4}/{n:<5} {r['n_top']:>4}/{n:<5} {r['median_contribution']:>15.4g} "
+            f"{r['max_contribution']:>12.4g} {r['max_activation']:>10.4g}  {kinds:<26} "
+            f"{'; '.join(r['flags'])}"
         )
     if not document["weights"]:
         print("  no weight met the criterion on any text")

@@ -453,7 +453,9 @@ def robustness_figure(document: dict, out_dir: Path, max_weights: int = 8) -> li
                 linewidths=0,
             )
         labels = [
-            f"L{w['layer']} [{w['row']}, {w['col']}]  {w['n_rule']}/{w['n_texts']}" for w in weights
+            f"L{w['layer']} [{w['row']}, {w['col']}]  {w['n_rule']}/{w['n_texts']}"
+            + (" cancels" if "cancels the massive activation" in w["flags"] else "")
+            for w in weights
         ]
         ax.set_yticks(range(len(weights)), labels)
         ax.invert_yaxis()

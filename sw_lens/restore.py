@@ -48,7 +48,8 @@ def super_activations(
     `texts`, signed."""
     best: dict[tuple[int, int], float] = {}
     for ids in texts:
-        for c, (value, _, _) in column_maxima(model, ids, coords).items():
+        for c, seen in column_maxima(model, ids, coords).items():
+            value = seen.value
             key = (c.layer, c.row)
             if abs(value) > abs(best.get(key, 0.0)):
                 best[key] = value

@@ -10,11 +10,15 @@ on content words.
 `robustness` scans every text on its own and applies the locate rule per text (the
 medians over layers are that text's own). For every weight the rule names on any text,
 plus any given weight, it then records per text the largest |``hook_mlp_out``| at the
-weight's output channel ``row`` in its layer, and where that sits. Per weight it reports
-in how many texts the rule names it, in how many of those it also makes the text's top
-spike (the largest |``hook_mlp_out``| over all layers), the median and max super
-activation over texts, and the kinds of token it fires on where the rule names it, with
-flags a reviewer should see.
+weight's output channel ``row`` in its layer, and where that sits, and the weight's own
+largest contribution to that row (|``hook_post[:, col]`` x ``W[row, col]``|: weights of
+one row share the row's activation, not their contribution). Per weight it reports in
+how many texts the rule names it, in how many of those it also makes the text's top
+spike (the largest |``hook_mlp_out``| over all layers), the median and max of its own
+contribution and of its row's super activation over texts, whether the rule found it
+creating or cancelling the massive activation, and the kinds of token it fires on where
+the rule names it, with flags a reviewer should see (a weight that cancels is no super
+weight however robust its spike).
 """
 
 import unicodedata
@@ -59,6 +63,8 @@ class Firing:
     token: str
     kind: str  # one of TOKEN_KINDS
     post: float  # hook_post[pos, col] at the same token: the super weight's input
+    contribution: float  # the weight's largest |hook_post[:, col] * W[row, col]|, signed
+    role: str | None  # "creates" or "cancels" where the rule names the weight, else None
     is_top: bool  # named by the rule and the text's largest |hook_mlp_out| over layers
     by_rule: bool  # the locate rule names this weight on this text alone
 
@@ -71,15 +77,18 @@ class WeightRobustness:
     n_texts: int
     n_rule: int  # texts where the rule (criterion) names the weight
     n_top: int  # of those, texts where it makes the largest spike over all layers
-    median_activation: float  # median over texts of max |hook_mlp_out[:, row]|
+    median_activation: float  # median over texts of max |hook_mlp_out[:, row]| (the row's)
     max_activation: float
+    median_contribution: float  # median over texts of the weight's own max |contribution|
+    max_contribution: float
+    roles: dict[str, int]  # "creates" / "cancels": texts where the rule found it so
     kinds: dict[str, int]  # token kinds it fires on, over the texts where the rule names it
     flags: list[str]
     firings: list[Firing] = field(repr=False)
 
 
-def _flags(n_texts: int, n_rule: int, kinds: Counter) -> list[str]:
-    flags = []
+def _flags(n_texts: int, n_rule: int, kinds: Counter, roles: Counter) -> list[str]:
+    flags = ["cancels the massive activation"] if roles["cancels"] > roles["creates"] else []
     if n_texts > 1 and n_rule <= 1:
         flags.append("found on one prompt only" if n_rule else "never named by the rule")
     for kind in TOKEN_KINDS[:3]:
@@ -99,27 +108,29 @@ def robustness(
     how it behaves across `texts`; sorted by the number of texts where the rule names it."""
     check_coords(model, weights)
     top: list[WeightCoord | None] = []
-    named: list[set[WeightCoord]] = []
+    named: list[dict[WeightCoord, str]] = []  # per text: weight -> role
     for ids in bar(texts, desc="scan texts", unit="text"):
         result = scan(model, [ids], prepend_bos)
         s = max(result.layers, key=lambda s: s.mlp_out.magnitude)
         paired = s.post.pos == s.mlp_out.pos
         top.append(WeightCoord(s.layer, s.mlp_out.channel, s.post.channel) if paired else None)
         found, _ = apply_rule(model, result, criterion, iteration=1, taken_neurons=set())
-        named.append({c.coord for c in found})
+        named.append({c.coord: c.role for c in found})
     coords = sorted(set().union(*named) | set(weights))
     firings: dict[WeightCoord, list[Firing]] = {c: [] for c in coords}
     for text, ids in enumerate(bar(texts, desc="measure", unit="text")):
-        for c, (value, pos, post) in column_maxima(model, ids, coords).items():
-            token = model.tokenizer.decode([int(ids[pos])])
+        for c, seen in column_maxima(model, ids, coords).items():
+            token = model.tokenizer.decode([int(ids[seen.pos])])
             firings[c].append(
                 Firing(
                     text=text,
-                    value=value,
-                    pos=pos,
+                    value=seen.value,
+                    pos=seen.pos,
                     token=token,
-                    kind=token_kind(token, pos, prepend_bos),
-                    post=post,
+                    kind=token_kind(token, seen.pos, prepend_bos),
+                    post=seen.post,
+                    contribution=seen.contribution,
+                    role=named[text].get(c),
                     is_top=c == top[text] and c in named[text],
                     by_rule=c in named[text],
                 )
@@ -130,7 +141,9 @@ def robustness(
 
 def _summarise(c: WeightCoord, firings: list[Firing]) -> WeightRobustness:
     magnitudes = [abs(f.value) for f in firings]
+    contributions = [abs(f.contribution) for f in firings]
     kinds = Counter(f.kind for f in firings if f.by_rule)
+    roles = Counter(f.role for f in firings if f.role)
     n_top = sum(f.is_top for f in firings)
     n_rule = sum(f.by_rule for f in firings)
     return WeightRobustness(
@@ -142,7 +155,10 @@ def _summarise(c: WeightCoord, firings: list[Firing]) -> WeightRobustness:
         n_top=n_top,
         median_activation=median(magnitudes),
         max_activation=max(magnitudes),
+        median_contribution=median(contributions),
+        max_contribution=max(contributions),
+        roles={role: roles[role] for role in ("creates", "cancels")},
         kinds={kind: kinds[kind] for kind in TOKEN_KINDS},
-        flags=_flags(len(firings), n_rule, kinds),
+        flags=_flags(len(firings), n_rule, kinds, roles),
         firings=firings,
     )

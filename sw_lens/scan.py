@@ -26,7 +26,7 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import NonFiniteActivation, SwLensError
-from sw_lens.patching import by_layer
+from sw_lens.patching import by_layer, weight_value
 from sw_lens.progress import bar
 from sw_lens.vocabulary import WeightCoord, hook_mlp_out, hook_post, hook_resid_mid
 
@@ -248,12 +248,23 @@ def scan_with_cache(
     return reducer.result(prepend_bos, texts), caches
 
 
+@dataclass(frozen=True)
+class ColumnMax:
+    """A weight's output row and its own share of it, on one text."""
+
+    value: float  # the signed largest |hook_mlp_out[:, row]| (the super activation there)
+    pos: int  # ... at this position
+    post: float  # hook_post[pos, col]: the weight's input at that position
+    contribution: float  # the signed largest |hook_post[:, col] * W[row, col]| over the text
+
+
 def column_maxima(
     model: TransformerBridge, ids: Int[Tensor, "pos"], coords: Sequence[WeightCoord]
-) -> dict[WeightCoord, tuple[float, int, float]]:
-    """Per weight: the signed largest |hook_mlp_out[:, row]| of its layer on `ids` (its
-    super activation there), that position, and hook_post[pos, col] (the weight's input)."""
-    found: dict[WeightCoord, tuple[float, int, float]] = {}
+) -> dict[WeightCoord, ColumnMax]:
+    """Per weight: its output row's largest value on `ids`, where it is, the weight's input
+    there, and the weight's own largest contribution (which, unlike the row's value,
+    differs between weights of one row)."""
+    found: dict[WeightCoord, ColumnMax] = {}
     posts: dict[int, Tensor] = {}
     hooks = []
     for layer, layer_coords in by_layer(coords).items():
@@ -264,7 +275,13 @@ def column_maxima(
         def measure(out: Float[Tensor, "1 pos d_model"], hook, layer=layer, cs=layer_coords):
             for c in cs:
                 pos = int(out[0, :, c.row].abs().argmax())
-                found[c] = (float(out[0, pos, c.row]), pos, float(posts[layer][pos, c.col]))
+                contribution = posts[layer][:, c.col] * weight_value(model, c)
+                found[c] = ColumnMax(
+                    float(out[0, pos, c.row]),
+                    pos,
+                    float(posts[layer][pos, c.col]),
+                    float(contribution[contribution.abs().argmax()]),
+                )
 
         hooks += [(hook_post(layer), keep_post), (hook_mlp_out(layer), measure)]
     with torch.inference_mode():
@@ -280,9 +297,9 @@ def weight_spikes(
     token with the largest |hook_mlp_out[:, row]| (its super activation)."""
     best = None
     for text, ids in enumerate(texts):
-        value, pos, post = column_maxima(model, ids, [coord])[coord]
-        if best is None or abs(value) > abs(best[0]):
-            best = (value, pos, post, text)
+        seen = column_maxima(model, ids, [coord])[coord]
+        if best is None or abs(seen.value) > abs(best[0]):
+            best = (seen.value, seen.pos, seen.post, text)
     value, pos, post, text = best
     token = _token(model, texts[text], pos)
     return (

@@ -40,11 +40,13 @@ def test_a_weight_firing_on_full_stops_is_delimiter_bound(delimited):
 def test_activations_are_the_hand_computed_column_maxima(delimited):
     ids, report = report_for(delimited, TEXTS)
     (planted,) = [r for r in report if (r.layer, r.row, r.col) == (1, 5, 17)]
-    hand = []
+    hand, own = [], []
+    w = float(delimited.bridge.blocks[1].mlp.W_out[17, 5])
     for text in ids:
         _, cache = delimited.bridge.run_with_cache(text[None])
         column = cache["blocks.1.hook_mlp_out"][0, :, 5]
         hand.append(float(column.abs().max()))
+        own.append(float((cache["blocks.1.mlp.hook_post"][0, :, 17] * w).abs().max()))
         pos = int(column.abs().argmax())
         firing = planted.firings[len(hand) - 1]
         assert firing.pos == pos
@@ -52,6 +54,18 @@ def test_activations_are_the_hand_computed_column_maxima(delimited):
     assert planted.median_activation == pytest.approx(median(hand), rel=1e-6)
     assert planted.max_activation == pytest.approx(max(hand), rel=1e-6)
     assert planted.max_activation > 50  # the planted spike, not noise
+    assert planted.median_contribution == pytest.approx(median(own), rel=1e-6)
+    assert planted.max_contribution == pytest.approx(max(own), rel=1e-6)
+    assert planted.roles == {"creates": planted.n_rule, "cancels": 0}
+
+
+def test_weights_of_one_row_share_its_activation_but_not_their_contribution(delimited):
+    """Six weights of one output row read the same row maximum; what each contributes
+    differs, and that is what the report ranks them by."""
+    _, report = report_for(delimited, TEXTS, weights=[WeightCoord(1, 5, c) for c in (0, 1)])
+    row = [r for r in report if (r.layer, r.row) == (1, 5)]
+    assert len({r.max_activation for r in row}) == 1
+    assert len({r.max_contribution for r in row}) == len(row) == 3
 
 
 def test_a_weight_seen_in_one_text_is_flagged(tiny):
