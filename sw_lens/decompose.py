@@ -31,7 +31,7 @@ class Decomposition:
     token: str
     mlp_out: float  # the down-projection output at (pos, row)
     bias: float  # b_out[row], 0 where the model has none
-    top: list[tuple[int, float]]  # (col, hook_post * W_out) by |product|, largest first
+    top: list[tuple[int, float]]  # (col, hook_post * W_out), largest toward the output first
     top1_share: float  # shares of mlp_out, signed
     top5_share: float
     top20_share: float
@@ -68,8 +68,11 @@ def decompose(
     bias = getattr(mlp, "b_out", None)
     bias = 0.0 if bias is None else float(bias.detach()[row])
     products = post[pos] * column
-    order = products.abs().argsort(descending=True)
     total = float(out[pos])
+    # Largest first in the direction of the output: the top-k shares then only grow
+    # while products add to the spike (by |product| a top-5 share could fall below the
+    # top-1 share, when products 2-5 oppose it).
+    order = (products * (1.0 if total >= 0 else -1.0)).argsort(descending=True)
     shares = (products[order].cumsum(0) / total).tolist()
     top_col = int(order[0])
     residual = [

@@ -423,7 +423,7 @@ def decomposition_figure(document: dict, out_dir: Path) -> list[Path]:
             )
         ax.axhline(1.0, color=GREY, linewidth=0.5)
         ax.set_xscale("log")
-        ax.set_xlabel("k largest products hook_post[pos, col] * W_out[col, row]")
+        ax.set_xlabel("k largest products hook_post[pos, col] * W_out[col, row], toward the output")
         ax.set_ylabel("share of hook_mlp_out[pos, row]")
         ax.legend(frameon=False)
         text = f"{document['model']['name']}, {_prompts(document)}"

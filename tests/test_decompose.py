@@ -28,6 +28,10 @@ def test_products_plus_bias_equal_the_output_exactly(tiny):
     assert sum(v for _, v in d.top) + d.bias == pytest.approx(d.mlp_out, rel=1e-6)
     assert d.cumulative[-1] == pytest.approx(1.0 - d.bias_share, abs=1e-6)
     assert d.token == TRIGGER
+    # Largest toward the output first: the shares grow while products add to the spike.
+    assert d.top1_share <= d.top5_share <= d.top20_share
+    toward = [v * (1 if d.mlp_out >= 0 else -1) for _, v in d.top]
+    assert toward == sorted(toward, reverse=True)
 
 
 def test_a_planted_super_weight_is_one_weight(tiny):
