@@ -41,7 +41,7 @@ def test_activations_are_the_hand_computed_column_maxima(delimited):
     ids, report = report_for(delimited, TEXTS)
     (planted,) = [r for r in report if (r.layer, r.row, r.col) == (1, 5, 17)]
     hand, own = [], []
-    w = float(delimited.bridge.blocks[1].mlp.W_out[17, 5])
+    w = float(delimited.bridge.blocks[1].mlp.W_out.detach()[17, 5])
     for text in ids:
         _, cache = delimited.bridge.run_with_cache(text[None])
         column = cache["blocks.1.hook_mlp_out"][0, :, 5]
