@@ -11,6 +11,7 @@ Strict mode: a number written as a string, a bool for an integer or NaN/inf are 
 as a JSON document written by sw_lens never has them.
 """
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -460,16 +461,26 @@ class RunStatus(Strict):
         return self
 
 
-KINDS: dict[str, type[Header]] = {
-    "locate": Locate,
-    "controls": Controls,
-    "restore": Restore,
-    "stopwords": Stopwords,
-    "scaling": Scaling,
-    "quantize": Quantize,
-    "explain": Explain,
-    "robustness": Robustness,
-    "track": Track,
+@dataclass(frozen=True)
+class Kind:
+    """Everything the house knows of a kind of results document; registering a new
+    experiment's kind is one entry here."""
+
+    schema: type[Header]  # checked on every read (`results.read_json`)
+    figure: str  # the `sw_lens.figures` function that draws it (named: figures imports this)
+    swept: bool = False  # a command of one model that a sweep file may run
+
+
+KINDS: dict[str, Kind] = {
+    "locate": Kind(Locate, "render_all", swept=True),
+    "controls": Kind(Controls, "controls_figure", swept=True),
+    "restore": Kind(Restore, "restore_figure", swept=True),
+    "stopwords": Kind(Stopwords, "stopwords_figure", swept=True),
+    "scaling": Kind(Scaling, "scaling_figure", swept=True),
+    "quantize": Kind(Quantize, "quantize_figure", swept=True),
+    "explain": Kind(Explain, "decomposition_figure"),
+    "robustness": Kind(Robustness, "robustness_figure"),
+    "track": Kind(Track, "track_figure"),
 }
 
 

@@ -183,7 +183,7 @@ def read_json(path: Path, kind: str | set[str]) -> dict:
     if document.get("kind") not in kinds:
         wanted = " or ".join(repr(k) for k in sorted(kinds))
         raise SwLensError(f"results file '{path}' holds {document.get('kind')!r}, not {wanted}")
-    validate(document, KINDS[document["kind"]], f"results file '{path}'")
+    validate(document, KINDS[document["kind"]].schema, f"results file '{path}'")
     return document
 
 

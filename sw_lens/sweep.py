@@ -46,13 +46,13 @@ from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
-from sw_lens.documents import RunStatus, SweepPlan, validate
+from sw_lens.documents import KINDS, RunStatus, SweepPlan, validate
 from sw_lens.errors import SwLensError
 from sw_lens.options import check_table, one_line, options_of, to_argv
 from sw_lens.results import read_json, read_toml, write_atomic, write_json
 from sw_lens.setup import JOB, LocateConfig
 
-EXPERIMENTS = ("locate", "controls", "restore", "stopwords", "scaling", "quantize")
+EXPERIMENTS = tuple(kind for kind, entry in KINDS.items() if entry.swept)
 # Run options: the job's options (`sw_lens.setup.JOB`), checked and passed as on the
 # command line of every experiment.
 OPTIONS = options_of(LocateConfig, JOB)

@@ -160,10 +160,10 @@ def other_kinds():
 )
 def test_every_kind_has_its_invariants(kind, change, message):
     document = other_kinds()[kind]
-    validate(document, KINDS[kind], "doc")  # the valid one passes
+    validate(document, KINDS[kind].schema, "doc")  # the valid one passes
     change(document)
     with pytest.raises(SwLensError, match=message):
-        validate(document, KINDS[kind], "doc")
+        validate(document, KINDS[kind].schema, "doc")
 
 
 def test_the_schema_accepts_what_locate_writes(results_file):
@@ -183,3 +183,12 @@ def test_dollar_signs_in_a_document_are_drawn_as_text(results_file, tmp_path):
     done = run_in_process("figures.py", path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "spike_heatmap.png").is_file()
+
+
+def test_every_kind_names_a_figure_that_exists_and_the_sweep_runs_the_swept_ones():
+    from sw_lens import figures
+    from sw_lens.sweep import EXPERIMENTS
+
+    for entry in KINDS.values():
+        assert callable(getattr(figures, entry.figure))
+    assert EXPERIMENTS == ("locate", "controls", "restore", "stopwords", "scaling", "quantize")
