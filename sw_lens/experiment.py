@@ -76,7 +76,7 @@ def super_weights(
 ) -> tuple[list[WeightCoord], str]:
     """The super weights an experiment works on, and how they were chosen: the weights
     given in `config`, else those of a locate `results` file for the same model, else
-    what the locate rule finds and ranks now."""
+    what `find` finds now (the search, or the spike rule ranked by effect)."""
     if config.weights:
         return list(config.weights), "given (--weight)"
     if results:

@@ -259,10 +259,14 @@ def run_locate(config: LocateConfig) -> dict:
     baseline, measured = report_ablations(
         setup, ablation_sets(found, config.weights, published), found.search
     )
-    shown = found.super_weights or [c.coord for c in rule.candidates]
     top = headline(found, measured)
     prediction_ids = prompt_tokens(loaded, [config.prediction_prompt], prompt_bos)[0]
-    spikes = {c.coord: c.post.text for c in rule.candidates}
+    candidates = [candidate_dict(c, loaded) for c in rule.candidates]
+    supers = [super_weight_dict(c, found, loaded, texts) for c in found.super_weights]
+    shown = supers or candidates  # strongest first
+    per_layer: dict[int, dict] = {}  # the strongest shown weight of each layer
+    for w in shown:
+        per_layer.setdefault(w["layer"], w)
 
     return {
         "schema_version": SCHEMA_VERSION,
@@ -274,8 +278,8 @@ def run_locate(config: LocateConfig) -> dict:
         "iterations": len(rule.scans),
         "termination": rule.termination,
         "notes": rule.notes,
-        "candidates": [candidate_dict(c, loaded) for c in rule.candidates],
-        "super_weights": [super_weight_dict(c, found, loaded, texts) for c in found.super_weights],
+        "candidates": candidates,
+        "super_weights": supers,
         "super_weight_source": found.describe(config),
         "search": found.search and search_dict(found.search, rule),
         "ranking": rule.ranking.to_dict(),
@@ -285,11 +289,18 @@ def run_locate(config: LocateConfig) -> dict:
         },
         "token_loss": top and token_loss(loaded, tokens, baseline, top, config),
         "predictions": top and predictions(model, prediction_ids, top, config),
-        "layer_activations": [
-            asdict(layer_activations(model, texts[spikes.get(c, 0)], layer, config.top_channels))
-            for layer, c in sorted({c.layer: c for c in shown}.items())
+        "layer_activations": [  # on the text where that weight's input spikes
+            asdict(
+                layer_activations(
+                    model, texts[w["input_activation"]["text"]], layer, config.top_channels
+                )
+            )
+            for layer, w in sorted(per_layer.items())
         ],
-        "weight_distributions": [asdict(weight_distribution(model, c)) for c in shown],
+        "weight_distributions": [
+            asdict(weight_distribution(model, WeightCoord(w["layer"], w["row"], w["col"])))
+            for w in shown
+        ],
         "known": config.check_known and known_dict(config, known, model, rule),
         "provenance": provenance(loaded.device, loaded.dtype, config.seed),
     }

@@ -200,6 +200,8 @@ def add_options(
     for o in options_of(cls, names):
         default = defaults.get(o.key, o.default)
         help = helps.get(o.key, o.help)
+        if o.style == "append" and o.default:
+            help += f" (none given: {_shown(o.default)})"
         kwargs: dict[str, Any] = {"dest": o.key, "help": help}
         if "metavar" in o.extra:
             kwargs["metavar"] = o.extra["metavar"]
@@ -219,8 +221,6 @@ def add_options(
         else:
             kwargs["type"] = _converter(o.annotation)
         parser.add_argument(o.flag, default=default, **kwargs)
-        if o.style == "append" and o.default:
-            parser._option_string_actions[o.flag].help += f" (none given: {_shown(o.default)})"
 
 
 def _shown(default: Any) -> str:
@@ -233,9 +233,8 @@ def _choices(annotation: Any) -> list | None:
     return None
 
 
-def from_args(cls: type, args: argparse.Namespace, **given: Any):
-    """An instance of `cls` from the options `args` holds (defaults for the others, and
-    `given` over both)."""
+def from_args(cls: type, args: argparse.Namespace):
+    """An instance of `cls` from the options `args` holds (defaults for the others)."""
     values: dict[str, Any] = {}
     for o in _options(cls):
         value = getattr(args, o.key, None)
@@ -250,7 +249,7 @@ def from_args(cls: type, args: argparse.Namespace, **given: Any):
         for name, info in cls.__pydantic_fields__.items()
         if isinstance(values.get(name), dict)
     }
-    return cls(**values, **nested, **given)
+    return cls(**values, **nested)
 
 
 # --- sweep files ------------------------------------------------------------------------------

@@ -159,12 +159,17 @@ class Setup:
         return self.loaded.bridge
 
 
+def load_configured_model(config: LocateConfig) -> LoadedModel:
+    """The model `config` names, loaded as its loading options say."""
+    return load_model(
+        config.model, config.device, config.dtype, config.trust_remote_code, config.tokenizer
+    )
+
+
 def load(config: LocateConfig) -> Setup:
     """Load and check everything `config` names, before any long work starts."""
     torch.manual_seed(config.seed)
-    loaded = load_model(
-        config.model, config.device, config.dtype, config.trust_remote_code, config.tokenizer
-    )
+    loaded = load_configured_model(config)
     check_coords(loaded.bridge, config.weights)
     protocol = Protocol(
         config.window,

@@ -19,7 +19,6 @@ from sw_lens.corpora import load_corpus, sentences, tokenize
 from sw_lens.decompose import decompose
 from sw_lens.experiment import Experiment
 from sw_lens.locate import locate
-from sw_lens.models import load_model
 from sw_lens.options import (
     Finite,
     FiniteList,
@@ -36,7 +35,14 @@ from sw_lens.quantize import CLIPS, METHODS, Scheme, quantized
 from sw_lens.restore import restore
 from sw_lens.results import SCHEMA_VERSION, provenance
 from sw_lens.robustness import robustness
-from sw_lens.setup import LOADING, RULE, LocateConfig, prompt_tokens, resolve_bos
+from sw_lens.setup import (
+    LOADING,
+    RULE,
+    LocateConfig,
+    load_configured_model,
+    prompt_tokens,
+    resolve_bos,
+)
 from sw_lens.stopwords import (
     STOPWORD_SOURCE,
     class_mass,
@@ -276,15 +282,9 @@ def quantize_study(experiment: Experiment, options: QuantizeOptions) -> dict:
 EXPLAIN = ("model", "prompt", *LOADING, *RULE)  # the options that explain takes
 
 
-def _load(config: LocateConfig):
-    return load_model(
-        config.model, config.device, config.dtype, config.trust_remote_code, config.tokenizer
-    )
-
-
 def explain_study(config: LocateConfig) -> dict:
     """Each spike the rule finds on the prompts, decomposed into its per-weight products."""
-    loaded = _load(config)
+    loaded = load_configured_model(config)
     texts = prompt_tokens(loaded, config.prompts, loaded.adds_bos)
     found = locate(loaded.bridge, texts, loaded.adds_bos, config.criterion, config.iterations)
     decompositions = [
@@ -311,7 +311,7 @@ ROBUSTNESS = ("model", "text", "prompt", "prompt_bos", "weight", *LOADING, *RULE
 
 def robustness_study(config: LocateConfig, options: RobustnessOptions) -> dict:
     """The rule on each text alone (the prompts, then sentences of the corpus)."""
-    loaded = _load(config)
+    loaded = load_configured_model(config)
     prepend_bos = resolve_bos(config.prompt_bos, loaded)
     texts = config.prompts + sentences(load_corpus(config.text).text, options.n_texts)
     ids = prompt_tokens(loaded, texts, prepend_bos)
