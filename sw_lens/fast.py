@@ -15,11 +15,14 @@ eager attention) whenever the caller passes TransformerLens ``fwd_hooks``.
 
 import copy
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from types import MappingProxyType
 
+import torch
 from accelerate import init_empty_weights
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -60,6 +63,33 @@ def hf_twin(model: TransformerBridge) -> PreTrainedModel:
 def down_proj_module(model: TransformerBridge, twin: PreTrainedModel, layer: int) -> nn.Module:
     name, _ = down_proj_parameter(model, layer)
     return twin.get_submodule(name.removesuffix(".weight"))
+
+
+def twin_module(model: TransformerBridge, twin: PreTrainedModel, component: nn.Module) -> nn.Module:
+    """The twin's copy of the HF module a bridge component wraps (e.g.
+    ``model.blocks[l].attn.o``: the attention's output projection, whatever the
+    architecture calls it)."""
+    wrapped = component.original_component
+    for name, module in model.original_model.named_modules():
+        if module is wrapped:
+            return twin.get_submodule(name.replace("._original_component", ""))
+    raise SwLensError(f"cannot find {type(wrapped).__name__} in the fast evaluation model")
+
+
+@contextmanager
+def frozen_parameters(twin: PreTrainedModel) -> Iterator[None]:
+    """No parameter requires a gradient while the block runs (a backward pass then
+    computes activation gradients only); each flag is put back and ``.grad`` cleared on
+    exit. The twin's parameters are the bridge's tensors, so this covers both."""
+    params = {p: p.requires_grad for p in twin.parameters()}
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in params.items():
+            p.requires_grad_(flag)
+            p.grad = None
 
 
 @contextmanager
@@ -126,3 +156,72 @@ def layers_from(model: TransformerBridge, twin: PreTrainedModel, start: int) -> 
         yield
     finally:
         setattr(parent, name, layers)
+
+
+# Tokens of the short pass that checks resuming (`Resume`): causal, so a prefix suffices.
+_CHECK_TOKENS = 32
+
+
+class Resume:
+    """Passes of the twin that run only the decoder layers from `start` on, fed the
+    residual stream entering `start` as a full pass computed it: what an edit or patch at
+    layer ``start`` or later cannot change is not computed again.
+
+    Only exact where the model adds nothing to ``inputs_embeds`` before its first layer
+    (GPT-2 adds position embeddings, Gemma scales them): `check` replays a short full pass
+    from every start and compares bit-for-bit; from a start where that fails, `run`
+    computes the whole model instead, with the same result."""
+
+    def __init__(self, model: TransformerBridge, starts: Iterable[int]):
+        self.model, self.twin = model, hf_twin(model)
+        parent, name = decoder_layers(model, self.twin)
+        self.layers = getattr(parent, name)
+        self.starts = sorted(set(starts))
+        self.exact: dict[int, bool] = {}
+
+    @contextmanager
+    def keeping(self) -> Iterator[dict[int, Tensor]]:
+        """While the block runs, every forward of the twin records the residual stream
+        entering each start layer into the yielded dict (a later forward overwrites)."""
+        kept: dict[int, Tensor] = {}
+
+        def keep(module, args, kwargs, layer: int) -> None:
+            kept[layer] = args[0] if args else kwargs["hidden_states"]
+
+        handles = [
+            self.layers[start].register_forward_pre_hook(
+                partial(keep, layer=start), with_kwargs=True
+            )
+            for start in self.starts
+        ]
+        try:
+            yield kept
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def check(self, input_ids: Int[Tensor, "batch pos"]) -> None:
+        """Decide, once, from which starts a pass may resume (see the class)."""
+        if self.exact:
+            return
+        ids = input_ids[:1, :_CHECK_TOKENS]
+        with torch.inference_mode(), self.keeping() as kept:
+            logits = self.twin(ids, use_cache=False).logits
+        for start in self.starts:
+            with torch.inference_mode():
+                again = self.run(start, kept, ids, resume=True)
+            self.exact[start] = torch.equal(again, logits)
+
+    def run(
+        self,
+        start: int,
+        kept: Mapping[int, Tensor],
+        input_ids: Int[Tensor, "batch pos"],
+        resume: bool | None = None,
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Logits of the twin (with whatever hooks are on it now) run from layer `start`
+        on the residual in `kept`, or from the embeddings where resuming is not exact."""
+        if resume if resume is not None else self.exact[start]:
+            with layers_from(self.model, self.twin, start):
+                return self.twin(inputs_embeds=kept[start], use_cache=False).logits
+        return self.twin(input_ids, use_cache=False).logits

@@ -12,7 +12,6 @@ the first token of a window has no context and is not scored.
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from itertools import groupby
 
 import torch
@@ -23,7 +22,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens import progress
 from sw_lens.errors import NonFiniteActivation, SwLensError
-from sw_lens.fast import decoder_layers, forward_pass, hf_twin, layers_from, twin_ablation
+from sw_lens.fast import Resume, forward_pass, twin_ablation
 from sw_lens.patching import EditedColumns, Restore, column_edits
 from sw_lens.vocabulary import WeightCoord
 
@@ -278,10 +277,8 @@ def evaluate_sweep(
     loop of `evaluate` calls.
 
     Runs in the HF twin (TransformerLens's own ``start_at_layer`` still computes the
-    skipped blocks). Feeding a kept residual back in is checked against the baseline pass
-    on the first batch, for every starting layer; where a model adds something to its
-    embeddings before the first layer (GPT-2's position embeddings) the check fails and
-    ablations from that layer run the whole model instead, with the same results."""
+    skipped blocks); `fast.Resume` checks that feeding a kept residual back in is exact
+    for this model, else ablations run the whole model, with the same results."""
     check_window(model, protocol)
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
     scales = [scale] * len(ablations) if isinstance(scale, int | float) else list(scale)
@@ -289,45 +286,16 @@ def evaluate_sweep(
         raise SwLensError(f"{len(ablations)} ablations but {len(scales)} scales")
     edits = [column_edits(model, a, s) for a, s in zip(ablations, scales, strict=True)]
     starts = [min((c.layer for c in a), default=0) for a in ablations]
-    twin = hf_twin(model)
-    parent, name = decoder_layers(model, twin)
-    kept: dict[int, Tensor] = {}
-
-    def keep(module, args, kwargs, layer: int) -> None:
-        if recording:  # the baseline pass only: an ablation's later layers see edits
-            kept[layer] = args[0] if args else kwargs["hidden_states"]
-
-    reuse: dict[int, bool] = {}
-    recording = False
+    resume = Resume(model, starts)
     losses: list[list[Tensor]] = [[] for _ in range(len(ablations) + 1)]
-    layers = getattr(parent, name)
-    handles = [
-        layers[start].register_forward_pre_hook(partial(keep, layer=start), with_kwargs=True)
-        for start in sorted(set(starts))
-    ]
-    try:
-        with torch.inference_mode():
-            for input_ids, targets in window_batches(cut, protocol, model.cfg.device, desc):
-                recording = True
-                logits = twin(input_ids, use_cache=False).logits
-                recording = False
-                losses[0].append(_nll(logits, targets))
-                for start in sorted(set(starts) - set(reuse)):
-                    with layers_from(model, twin, start):
-                        again = twin(inputs_embeds=kept[start], use_cache=False).logits
-                    reuse[start] = torch.equal(again, logits)
-                for k, (edit, start) in enumerate(zip(edits, starts, strict=True), start=1):
-                    with twin_ablation(model, edit):
-                        if reuse[start]:
-                            with layers_from(model, twin, start):
-                                out = twin(inputs_embeds=kept[start], use_cache=False).logits
-                        else:
-                            out = twin(input_ids, use_cache=False).logits
-                    losses[k].append(_nll(out, targets))
-                kept.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.inference_mode():
+        for input_ids, targets in window_batches(cut, protocol, model.cfg.device, desc):
+            resume.check(input_ids)
+            with resume.keeping() as kept:  # the baseline pass only: ablations see edits
+                losses[0].append(_nll(resume.twin(input_ids, use_cache=False).logits, targets))
+            for k, (edit, start) in enumerate(zip(edits, starts, strict=True), start=1):
+                with twin_ablation(model, edit):
+                    losses[k].append(_nll(resume.run(start, kept, input_ids), targets))
     baseline, *ablated = (_result(model, corpus, protocol, loss, cut) for loss in losses)
     return baseline, ablated
 

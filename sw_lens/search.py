@@ -38,7 +38,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import NonFiniteActivation
-from sw_lens.fast import down_proj_module, hf_twin
+from sw_lens.fast import down_proj_module, frozen_parameters, hf_twin
 from sw_lens.options import NonNegativeInt, PositiveFinite, PositiveInt, option
 from sw_lens.patching import weight_value
 from sw_lens.perplexity import (
@@ -192,32 +192,22 @@ def squared_gradients(
     put back after, as are the gradients). Memory: one window's activations for the
     backward pass, plus one float32 copy of the down-projection weights."""
     twin = hf_twin(model)
-    params = {p: p.requires_grad for p in twin.parameters()}
     downs = [down_proj_parameter(model, layer) for layer in range(model.cfg.n_layers)]
     weights = [twin.get_parameter(name) for name, _ in downs]
     totals = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
     one_at_a_time = replace(protocol, batch_size=1)
-    try:
-        for p in params:
-            p.requires_grad_(False)
+    with frozen_parameters(twin), torch.enable_grad():
         for w in weights:
             w.requires_grad_(True)
-        with torch.enable_grad():
-            for input_ids, targets in window_batches(
-                cut, one_at_a_time, model.cfg.device, "saliency"
-            ):
-                logits = twin(input_ids, use_cache=False).logits
-                loss = F.cross_entropy(
-                    logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE
-                )
-                grads = torch.autograd.grad(loss, weights)
-                for total, grad in zip(totals, grads, strict=True):
-                    total += grad.float() ** 2
-    finally:
-        for p, flag in params.items():
-            p.requires_grad_(flag)
-            p.grad = None
+        for input_ids, targets in window_batches(cut, one_at_a_time, model.cfg.device, "saliency"):
+            logits = twin(input_ids, use_cache=False).logits
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE
+            )
+            grads = torch.autograd.grad(loss, weights)
+            for total, grad in zip(totals, grads, strict=True):
+                total += grad.float() ** 2
     # In W_out's layout, [d_mlp, d_model], like the contribution screen.
     return [
         (total / len(cut)).T if linear else total / len(cut)
