@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ONE, PROMPT, TRIGGER, TWO, Plant, build, byte_tokenizer, save
+from conftest import DRIVE, ONE, PROMPT, TRIGGER, TWO, Plant, build, byte_tokenizer, save
 
 from sw_lens.locate import Criterion, locate, rank_by_effect
 from sw_lens.models import load_model
@@ -43,6 +43,39 @@ def test_two_planted_weights_in_different_layers_are_found_through_iteration(tmp
     hidden, exposed = (scan.layers[TWO[1].layer].post for scan in result.scans[:2])
     assert hidden.magnitude < Criterion().min_abs <= exposed.magnitude
     assert (exposed.token, exposed.channel) == (TRIGGER, TWO[1].col)
+
+
+def test_a_later_echo_of_the_super_activation_is_not_taken(tmp_path, arch):
+    # Layer 3's neuron 30 reads the massive channel (and nothing the trigger token has)
+    # and writes a spike of its own into channel 20: it qualifies in the first scan
+    # together with layer 1, and vanishes once layer 1's weight is removed. The paper's
+    # order takes layer 1's weight only. (A gated MLP's read grows as its square, and
+    # RMSNorm lifts a small residual to unit size: a weak read keeps it silent elsewhere.)
+    drive = {"gpt2": DRIVE["gpt2"], "llama": 1.5, "qwen2": 1.5}[arch]
+    model = build(arch, [ONE])
+    with torch.no_grad():
+        if arch == "gpt2":  # Conv1D weights are [in, out]
+            mlp = model.transformer.h[3].mlp
+            mlp.c_fc.weight[:, 30] = 0.0
+            mlp.c_fc.weight[ONE.row, 30] = drive
+            mlp.c_proj.weight[30, :] = 0.0
+            mlp.c_proj.weight[30, 20] = 4.0
+        else:
+            mlp = model.model.layers[3].mlp
+            for proj in (mlp.gate_proj, mlp.up_proj):
+                proj.weight[30, :] = 0.0
+                proj.weight[30, ONE.row] = drive
+            mlp.down_proj.weight[:, 30] = 0.0
+            mlp.down_proj.weight[20, 30] = 4.0
+    loaded = load_model(str(save(model, tmp_path / "m")), device="cpu")
+    first = locate(loaded.bridge, [ids()], prepend_bos=False, max_iterations=1)
+    assert first.scans[0].layers[3].mlp_out.channel == 20  # it qualifies in scan 1
+    assert any("layer 3: also qualifies; left for the next scan" in n for n in first.notes)
+    result = locate(loaded.bridge, [ids()], prepend_bos=False)
+    assert [(c.coord, c.iteration) for c in result.candidates] == [
+        (WeightCoord(ONE.layer, ONE.row, ONE.col), 1)
+    ]
+    assert result.termination == "iteration 2 exposed no new weight"
 
 
 def test_iteration_limit_stops_the_search(tmp_path):
