@@ -1,6 +1,6 @@
 """Regenerate the figures of any sw_lens results file, without the model: a locate run's
 results.json (every figure and the token-loss page), or the JSON of any other command
-(explain, robustness, controls, restore, stopwords, scaling, quantize, track).
+(explain, robustness, controls, restore, stopwords, scaling, quantize, circuit, track).
 
 Figures (PDF + PNG at 300 dpi) are written next to the results file unless --out is given.
 """

@@ -420,6 +420,133 @@ class Track(Header):
         return self
 
 
+# --- circuit -----------------------------------------------------------------------------
+
+Mass = Annotated[float, Field(ge=-1e-6, le=1 + 1e-6)]  # attention mass, float32 rounding
+PAGE_TOKENS = 512  # the attention page's prompt: a file cannot make it larger
+
+
+class SinkMap(Strict):
+    n_queries: Count
+    sink_positions: list[list[Index]]
+    clean: Annotated[list[list[Mass]], Field(min_length=1)]
+    zeroed: list[list[Mass]]
+
+    @model_validator(mode="after")
+    def _shape(self):
+        shape = [len(row) for row in self.clean]
+        _check(shape == [len(row) for row in self.zeroed], "clean and zeroed differ in shape")
+        _check(len(set(shape)) == 1 and shape[0] > 0, "rows of different numbers of heads")
+        return self
+
+
+class Sinks(Strict):
+    prompt: SinkMap
+    corpus: SinkMap
+
+
+class PatchedLosses(Strict):
+    protocol_description: str
+    n_tokens: Count
+    clean_nll: float
+    zeroed_nll: float
+    passes: Annotated[float, Field(ge=0)]
+
+
+class ComponentRow(Strict):
+    layer: Index
+    head: Index | None
+    name: str
+    label: str
+    estimated: float
+    recovered: float | None
+    reproduced: float | None
+
+
+class Patching(Strict):
+    attribution: PatchedLosses
+    exact: PatchedLosses
+    components: Annotated[list[ComponentRow], Field(min_length=1)]
+
+
+class Agreement(Strict):
+    n_components: Count
+    spearman: Annotated[float, Field(ge=-1 - 1e-9, le=1 + 1e-9)] | None
+    k: Count
+    top_k_overlap: Index
+    attribution_rank_of_exact_top: Count
+
+
+class ResidualStory(Strict):
+    position: Index
+    token: str
+    row: Index
+    norm_clean: list[float]
+    norm_zeroed: list[float]
+    channel_clean: list[float]
+    channel_zeroed: list[float]
+    attn_writes: list[float]
+    mlp_writes: list[float]
+    lens_clean: list[str]
+    lens_zeroed: list[str]
+    peak_layer: Index
+    present_layers: list[Index]
+    cancelling_layers: list[Index]
+
+
+class AttentionPage(Strict):
+    tokens: Annotated[list[str], Field(min_length=1, max_length=PAGE_TOKENS)]
+    heads: list[Annotated[list[Index], Field(min_length=2, max_length=2)]]  # [layer, head]
+    clean: list[list[list[Mass]]]
+    zeroed: list[list[list[Mass]]]
+
+    @model_validator(mode="after")
+    def _shape(self):
+        n = len(self.tokens)
+        for patterns in (self.clean, self.zeroed):
+            _check(len(patterns) == len(self.heads), "one pattern per head shown")
+            _check(
+                all(len(p) == n and all(len(row) == n for row in p) for p in patterns),
+                f"a pattern that is not {n} x {n} (the tokens shown)",
+            )
+        return self
+
+
+class Circuit(Experiment):
+    kind: Literal["circuit"]
+    sinks: Sinks
+    patching: Patching
+    agreement: Agreement
+    residual: ResidualStory
+    attention: AttentionPage
+
+    @model_validator(mode="after")
+    def _inside(self):
+        n_layers, story = self.model.n_layers, self.residual
+        n_heads = len(self.sinks.corpus.clean[0])
+        for sinks in (self.sinks.prompt, self.sinks.corpus):
+            _check(len(sinks.clean) == n_layers, f"a sink map without {n_layers} layers")
+            _check(len(sinks.clean[0]) == n_heads, "sink maps of different numbers of heads")
+        per_layer = [
+            getattr(story, f)
+            for f in ResidualStory.model_fields
+            if f.endswith(("_clean", "_zeroed", "_writes"))
+        ]
+        _check(
+            all(len(v) == n_layers for v in per_layer),
+            f"a residual story without {n_layers} layers",
+        )
+        _check(story.row < self.model.d_model, "the residual channel lies outside the model")
+        heads = [(c.layer, c.head) for c in self.patching.components if c.head is not None]
+        heads += self.attention.heads
+        _check(
+            all(c.layer < n_layers for c in self.patching.components)
+            and all(layer < n_layers and head < n_heads for layer, head in heads),
+            f"a component outside the model ({n_layers} layers, {n_heads} heads)",
+        )
+        return self
+
+
 # --- sweep records -----------------------------------------------------------------------
 
 
@@ -481,6 +608,7 @@ KINDS: dict[str, Kind] = {
     "explain": Kind(Explain, "decomposition_figure"),
     "robustness": Kind(Robustness, "robustness_figure"),
     "track": Kind(Track, "track_figure"),
+    "circuit": Kind(Circuit, "circuit_figure", swept=True),
 }
 
 

@@ -65,15 +65,30 @@ def down_proj_module(model: TransformerBridge, twin: PreTrainedModel, layer: int
     return twin.get_submodule(name.removesuffix(".weight"))
 
 
+_NAMES: "weakref.WeakKeyDictionary[TransformerBridge, dict[int, list[str]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def twin_module(model: TransformerBridge, twin: PreTrainedModel, component: nn.Module) -> nn.Module:
     """The twin's copy of the HF module a bridge component wraps (e.g.
     ``model.blocks[l].attn.o``: the attention's output projection, whatever the
     architecture calls it)."""
-    wrapped = component.original_component
-    for name, module in model.original_model.named_modules():
-        if module is wrapped:
-            return twin.get_submodule(name.replace("._original_component", ""))
-    raise SwLensError(f"cannot find {type(wrapped).__name__} in the fast evaluation model")
+    if model not in _NAMES:
+        names: dict[int, list[str]] = {}
+        for name, module in model.original_model.named_modules(remove_duplicate=False):
+            names.setdefault(id(module), []).append(name.replace("._original_component", ""))
+        _NAMES[model] = names
+    # The bridge may register a module under its own name too (GPT-2's ``attn.c_proj`` is
+    # also ``attn.o``): take the name the twin has.
+    for name in _NAMES[model].get(id(component.original_component), []):
+        try:
+            return twin.get_submodule(name)
+        except AttributeError:
+            continue
+    raise SwLensError(
+        f"cannot find {type(component.original_component).__name__} in the fast evaluation model"
+    )
 
 
 @contextmanager

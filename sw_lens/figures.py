@@ -650,3 +650,162 @@ def sweep_figure(rows: list[dict], out_dir: Path) -> list[Path]:
         right.set_xlabel("super weight layer / (n_layers - 1)")
         text = f"{len(found)} super weights in {len({r['run'] for r in found})} runs"
         return _save(fig, out_dir, "report", text, "super weights across models")
+
+
+def _component_grid(document: dict, key: str) -> np.ndarray:
+    """Layers x (heads + the MLP column) of a component field; NaN where a component was
+    not patched (below the earliest zeroed layer, or outside the exact top N)."""
+    n_layers, n_heads = document["model"]["n_layers"], len(document["sinks"]["corpus"]["clean"][0])
+    grid = np.full((n_layers, n_heads + 1), np.nan)
+    for row in document["patching"]["components"]:
+        if row[key] is not None:
+            grid[row["layer"], n_heads if row["head"] is None else row["head"]] = row[key]
+    return grid
+
+
+def _layer_heatmap(fig, ax, values: np.ndarray, title: str, label: str, mlp_column: bool = False):
+    """Layers x heads (and an MLP column) in a diverging scale around 0; the MLP column's
+    values can be ten times a head's, so with it the scale is symmetric-log (linear
+    within +-0.05)."""
+    finite = values[np.isfinite(values)]
+    limit = float(np.abs(finite).max()) if finite.size else 0.0
+    limit = limit or 1.0
+    norm = SymLogNorm(0.05, linscale=0.5, vmin=-limit, vmax=limit) if mlp_column else None
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#eeeeee")
+    image = ax.imshow(
+        values,
+        aspect="auto",
+        cmap=cmap,
+        norm=norm,
+        vmin=None if norm else -limit,
+        vmax=None if norm else limit,
+        interpolation="nearest",
+    )
+    n_heads = values.shape[1] - mlp_column
+    step = max(1, n_heads // 4)
+    ticks = list(range(0, n_heads - mlp_column, step))  # none next to the MLP column
+    labels = [str(h) for h in ticks]
+    if mlp_column:
+        ticks, labels = ticks + [n_heads], labels + ["MLP"]
+        ax.axvline(n_heads - 0.5, color="black", linewidth=0.5)
+    ax.set_xticks(ticks, labels)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=6)
+    fig.colorbar(image, ax=ax, shrink=0.8, label=label).ax.tick_params(labelsize=4)
+
+
+def circuit_caption(document: dict) -> str:
+    weights = ", ".join(f"L{w['layer']} [{w['row']},{w['col']}]" for w in document["super_weights"])
+    exact = document["patching"]["exact"]
+    return textwrap.fill(
+        f"{document['model']['name']}, super weights {weights} zeroed; corpus "
+        f"{document['corpus']}: {exact['n_tokens']} tokens, {exact['protocol_description']}",
+        80,
+    )
+
+
+@_drawn
+def circuit_figure(document: dict, out_dir: Path) -> list[Path]:
+    """The circuit document's figures (sink maps, patching maps, residual story) and its
+    attention page."""
+    text = circuit_caption(document)
+    paths = []
+    with plt.rc_context(STYLE):
+        fig, axes = _figure(3.2, ncols=2)
+        for ax, where in zip(axes, ("prompt", "corpus"), strict=True):
+            sinks = document["sinks"][where]
+            difference = np.array(sinks["clean"]) - np.array(sinks["zeroed"])
+            _layer_heatmap(
+                fig,
+                ax,
+                difference,
+                f"{where} ({sinks['n_queries']} queries)",
+                "attention on sink: clean - zeroed",
+            )
+        paths += _save(fig, out_dir, "circuit_sinks", text, "attention-sink map")
+
+        fig, axes = _figure(3.2, ncols=2)
+        for ax, key, title in (
+            (axes[0], "recovered", "activation patching (exact)"),
+            (axes[1], "estimated", "attribution patching"),
+        ):
+            _layer_heatmap(
+                fig,
+                ax,
+                _component_grid(document, key),
+                title,
+                "share of the loss increase recovered",
+                mlp_column=True,
+            )
+        paths += _save(fig, out_dir, "circuit_patching", text, "mediation by patching")
+
+        story = document["residual"]
+        layers = range(len(story["channel_clean"]))
+        fig, axes = _figure(2.4, ncols=2)
+        for ax, key, label in (
+            (axes[0], "channel", f"resid_post[{story['row']}] at {story['token']!r}"),
+            (axes[1], "norm", f"|resid_post| at {story['token']!r}"),
+        ):
+            ax.plot(layers, story[f"{key}_clean"], color=BLUE, label="clean")
+            ax.plot(layers, story[f"{key}_zeroed"], color=RED, label="zeroed")
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_xlabel("layer")
+            ax.set_ylabel(label)
+            for layer in story["cancelling_layers"]:
+                ax.axvline(layer, color=GREY, linewidth=0.4, linestyle=":")
+        axes[0].legend(frameon=False)
+        paths += _save(fig, out_dir, "circuit_residual", text, "residual stream of the sink token")
+    return paths + attention_page(document, out_dir)
+
+
+def attention_page(document: dict, out_dir: Path) -> list[Path]:
+    """The prompt's attention patterns of the heads whose sink mass changed most, with the
+    super weights and zeroed (circuitsvis, JavaScript inlined: opens offline), and the
+    logit lens of the super-activation token. Strings escaped where they land."""
+    page, story = document["attention"], document["residual"]
+    names = [f"L{layer} H{head}" for layer, head in page["heads"]]
+    corpus = document["sinks"]["corpus"]
+    rows = "".join(
+        f"<tr><td>{pages.text(name)}</td><td>{corpus['clean'][layer][head]:.3f}</td>"
+        f"<td>{corpus['zeroed'][layer][head]:.3f}</td></tr>"
+        for name, (layer, head) in zip(names, page["heads"], strict=True)
+    )
+    lens = "".join(
+        f"<tr><td>{layer}</td><td>{pages.text(repr(a))}</td><td>{pages.text(repr(b))}</td></tr>"
+        for layer, (a, b) in enumerate(zip(story["lens_clean"], story["lens_zeroed"], strict=True))
+    )
+    elements = [
+        (
+            f"sw-lens-{when}",
+            "AttentionHeads",
+            page["tokens"],
+            {"attention": page[when], "attentionHeadNames": names, "maskUpperTri": True},
+        )
+        for when in ("clean", "zeroed")
+    ]
+    for when in ("clean", "zeroed"):  # where the first head looks, token by token
+        received = np.array(page[when][0]).mean(axis=0).tolist()
+        props = {"values": received, "minValue": 0.0, "maxValue": max(received) or 1.0}
+        elements.append((f"sw-lens-{when}-tokens", "ColoredTokens", page["tokens"], props))
+    name = pages.text(document["model"]["name"])
+    body = f"""<h1>{name}: attention with the super weights, and zeroed</h1>
+<p>Heads whose mean attention on the super-activation tokens changed most when the super
+weights are zeroed (corpus sample, {corpus["n_queries"]} queries):</p>
+<table><tr><th>head</th><th>clean</th><th>zeroed</th></tr>{rows}</table>
+<p>Tokens are coloured by the mean attention {pages.text(names[0])} puts on each (over all
+queries).</p>
+<h2>Clean</h2>
+{pages.element_div("sw-lens-clean-tokens")}
+{pages.element_div("sw-lens-clean")}
+<h2>Super weights zeroed</h2>
+{pages.element_div("sw-lens-zeroed-tokens")}
+{pages.element_div("sw-lens-zeroed")}
+<h2>Logit lens of {pages.text(repr(story["token"]))} (position {story["position"]})</h2>
+<table><tr><th>layer</th><th>clean</th><th>zeroed</th></tr>{lens}</table>
+{pages.circuitsvis_elements(elements)}
+{pages.json_data("sw-lens-attention", page)}"""
+    html = pages.page(f"sw_lens: attention, {document['model']['name']}", body)
+    path = Path(out_dir) / "circuit_attention.html"
+    write_atomic(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
+    return [path]

@@ -48,6 +48,12 @@ def _positive_number(value: float) -> float:
     return value
 
 
+def _fraction(value: float) -> float:
+    if not 0 < value <= 1:
+        raise ValueError(f"must be above 0 and at most 1, got {value!r}")
+    return value
+
+
 def one_line(value: str) -> str:
     """Nothing from a sweep file or a command line may start a new line of a generated
     script or a log."""
@@ -69,6 +75,7 @@ NonNegativeInt = Annotated[int, _at_least(0, "a non-negative integer")]
 Seed = Annotated[int, _at_least(0, "a non-negative integer", 2**32 - 1)]  # numpy's limit
 Finite = Annotated[float, AfterValidator(_finite)]
 PositiveFinite = Annotated[float, AfterValidator(_finite), AfterValidator(_positive_number)]
+Fraction = Annotated[float, AfterValidator(_finite), AfterValidator(_fraction)]
 Text = Annotated[str, AfterValidator(one_line)]
 Texts = Annotated[list[Text], BeforeValidator(_listed)]  # a string is a list of one
 FiniteList = Annotated[list[Finite], BeforeValidator(_comma_separated)]  # "0.5,2" or [0.5, 2]

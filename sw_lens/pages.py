@@ -52,21 +52,38 @@ def _bundle() -> str:
     return re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE)
 
 
-def circuitsvis_element(element_id: str, component: str, tokens: list[str], **props) -> str:
-    """A circuitsvis React component (``ColoredTokens``, ``AttentionPatterns``, ...)
-    rendered into a div, its JavaScript inlined and its props inert JSON.
+def circuitsvis_elements(elements: list[tuple[str, str, list[str], dict]]) -> str:
+    """circuitsvis React components (``ColoredTokens``, ``AttentionHeads``, ...), each
+    ``(element id, component, tokens, props)``, rendered into their divs by one script
+    that inlines the JavaScript once; place the divs with `element_div`.
 
     circuitsvis puts token strings into the page as HTML (``dangerouslySetInnerHTML``,
     after turning whitespace into ``&nbsp;``), so they are HTML-escaped here: a token
     ``<img src=x onerror=...>`` is shown as those characters, never made an element."""
-    if not element_id.replace("-", "").isalnum() or not component.isalnum():
-        raise ValueError(f"not a safe element id / component name: {element_id!r}, {component!r}")
-    props = {"tokens": [text(t) for t in tokens]} | props
+    renders = []
+    for element_id, component, tokens, props in elements:
+        if not element_id.replace("-", "").isalnum() or not component.isalnum():
+            raise ValueError(
+                f"not a safe element id / component name: {element_id!r}, {component!r}"
+            )
+        props = {"tokens": [text(t) for t in tokens]} | props
+        renders.append(
+            f'CircuitsVis.render("{element_id}", CircuitsVis.{component}, {script_json(props)});'
+        )
+    calls = "\n".join(renders)
+    return f'<script crossorigin type="module">\n{_bundle()}\n{calls}\n</script>'
+
+
+def element_div(element_id: str) -> str:
+    return f'<div id="{text(element_id)}" style="margin: 15px 0;"></div>'
+
+
+def circuitsvis_element(element_id: str, component: str, tokens: list[str], **props) -> str:
+    """One circuitsvis component with its div (see `circuitsvis_elements`)."""
     return (
-        f'<div id="{element_id}" style="margin: 15px 0;"></div>\n'
-        f'<script crossorigin type="module">\n{_bundle()}\n'
-        f'CircuitsVis.render("{element_id}", CircuitsVis.{component}, {script_json(props)});\n'
-        "</script>"
+        element_div(element_id)
+        + "\n"
+        + circuitsvis_elements([(element_id, component, tokens, props)])
     )
 
 

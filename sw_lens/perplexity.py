@@ -10,7 +10,7 @@ scored; with the default ``stride = window`` windows do not overlap. Without a B
 the first token of a window has no context and is not scored.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from itertools import groupby
 
@@ -181,7 +181,10 @@ def _batches(items: Sequence[Window], size: int) -> Iterator[list[Window]]:
             yield group[i : i + size]
 
 
-def _nll(logits: Tensor, targets: Tensor) -> Tensor:
+def scored_nll(
+    logits: Float[Tensor, "batch pos d_vocab"], targets: Int[Tensor, "batch pos"]
+) -> Float[Tensor, "n_scored"]:
+    """Each scored token's NLL (float64, on the CPU; differentiable)."""
     targets = targets.flatten()
     nll = F.cross_entropy(
         logits.flatten(0, 1).float(), targets, ignore_index=IGNORE, reduction="none"
@@ -214,6 +217,20 @@ def _result(
     )
 
 
+def batches_on(
+    cut: list[Window], protocol: Protocol, device
+) -> list[Callable[[], tuple[Tensor, Tensor]]]:
+    """The protocol's batches of `cut`, each a call that gives (input_ids, targets) on
+    `device`: for callers that count batches before running them."""
+    return [
+        lambda batch=batch: (
+            torch.stack([w.input_ids for w in batch]).to(device),
+            torch.stack([w.targets for w in batch]).to(device),
+        )
+        for batch in _batches(cut, protocol.batch_size)
+    ]
+
+
 def window_batches(
     cut: list[Window], protocol: Protocol, device, desc: str, layers: Sequence[nn.Module] = ()
 ) -> Iterator[tuple[Tensor, Tensor]]:
@@ -222,14 +239,12 @@ def window_batches(
     given, else once the caller asks for the next batch."""
     with progress.bar(desc=desc, unit="window", total=len(cut)) as shown:
         with progress.per_layer(shown, layers) as carrying:
-            for batch in _batches(cut, protocol.batch_size):
-                carrying(len(batch))
-                yield (
-                    torch.stack([w.input_ids for w in batch]).to(device),
-                    torch.stack([w.targets for w in batch]).to(device),
-                )
+            for batch in batches_on(cut, protocol, device):
+                input_ids, targets = batch()
+                carrying(len(input_ids))
+                yield input_ids, targets
                 if not layers:
-                    shown.update(len(batch))
+                    shown.update(len(input_ids))
 
 
 def evaluate(
@@ -256,7 +271,7 @@ def evaluate(
     losses = []
     with torch.inference_mode(), forward_pass(model, edits, fwd_hooks) as (logits_of, layers):
         for input_ids, targets in window_batches(cut, protocol, model.cfg.device, desc, layers):
-            losses.append(_nll(logits_of(input_ids), targets))
+            losses.append(scored_nll(logits_of(input_ids), targets))
     return _result(model, corpus, protocol, losses, cut, edits)
 
 
@@ -292,10 +307,12 @@ def evaluate_sweep(
         for input_ids, targets in window_batches(cut, protocol, model.cfg.device, desc):
             resume.check(input_ids)
             with resume.keeping() as kept:  # the baseline pass only: ablations see edits
-                losses[0].append(_nll(resume.twin(input_ids, use_cache=False).logits, targets))
+                losses[0].append(
+                    scored_nll(resume.twin(input_ids, use_cache=False).logits, targets)
+                )
             for k, (edit, start) in enumerate(zip(edits, starts, strict=True), start=1):
                 with twin_ablation(model, edit):
-                    losses[k].append(_nll(resume.run(start, kept, input_ids), targets))
+                    losses[k].append(scored_nll(resume.run(start, kept, input_ids), targets))
     baseline, *ablated = (_result(model, corpus, protocol, loss, cut) for loss in losses)
     return baseline, ablated
 

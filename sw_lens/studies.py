@@ -8,12 +8,13 @@ quantize, decompose, robustness); this module only sets them up and writes down 
 they measured.
 """
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BeforeValidator
 
+from sw_lens.circuit import circuit, circuit_dict
 from sw_lens.controls import run_controls
 from sw_lens.corpora import load_corpus, sentences, tokenize
 from sw_lens.decompose import decompose
@@ -22,13 +23,14 @@ from sw_lens.locate import locate
 from sw_lens.options import (
     Finite,
     FiniteList,
+    Fraction,
     NonNegativeInt,
     PositiveInt,
     Text,
     option,
 )
 from sw_lens.patching import ablation_hooks
-from sw_lens.perplexity import evaluate, evaluate_sweep
+from sw_lens.perplexity import evaluate, evaluate_sweep, windows
 from sw_lens.predictions import CASE_STUDY_PROMPT, next_word_accuracy, top_predictions
 from sw_lens.progress import bar
 from sw_lens.quantize import CLIPS, METHODS, Scheme, quantized
@@ -327,3 +329,97 @@ def robustness_study(config: LocateConfig, options: RobustnessOptions) -> dict:
         "weights": [asdict(r) for r in report],
         "provenance": provenance(loaded.device, loaded.dtype, config.seed),
     }
+
+
+# --- circuit --------------------------------------------------------------------------------
+
+
+@pydantic.dataclasses.dataclass
+class CircuitOptions:
+    circuit_tokens: PositiveInt = option(
+        1024, "corpus tokens (from the start of --text) for the corpus sink map and patching"
+    )
+    fraction: Fraction = option(
+        0.1, "super-activation tokens: where |activation| >= this x its largest"
+    )
+    heads_shown: PositiveInt = option(4, "heads on the attention page: the most changed sinks")
+    exact_top: NonNegativeInt = option(
+        0, "patch exactly only attribution's top N components (0: every component)"
+    )
+    top_k: PositiveInt = option(10, "k of the attribution-vs-exact top-k overlap")
+
+
+def circuit_study(experiment: Experiment, options: CircuitOptions) -> dict:
+    """`sw_lens.circuit` on the prompts and the first ``circuit_tokens`` of the corpus,
+    cut as the perplexity protocol cuts it."""
+    setup = experiment.setup
+    protocol = replace(setup.protocol, max_tokens=options.circuit_tokens)
+    cut = windows(setup.tokens, protocol, setup.model.tokenizer.bos_token_id)
+    result = circuit(
+        setup.model,
+        experiment.coords,
+        list(setup.texts),
+        cut,
+        protocol,
+        fraction=options.fraction,
+        heads_shown=options.heads_shown,
+        exact_top=options.exact_top,
+        top_k=options.top_k,
+    )
+    return experiment.document("circuit") | {
+        "options": asdict(options),
+        "prompts": experiment.config.prompts,
+        "corpus": setup.corpus.name,
+        **circuit_dict(result),
+    }
+
+
+def circuit_summary(document: dict, shown: int = 5) -> str:
+    """What the circuit document says, in a few lines."""
+    exact, attribution = document["patching"]["exact"], document["patching"]["attribution"]
+    increase = exact["zeroed_nll"] - exact["clean_nll"]
+    lines = [
+        f"loss on {exact['n_tokens']} corpus tokens ({exact['protocol_description']}): "
+        f"{exact['clean_nll']:.4f} nats clean, {exact['zeroed_nll']:.4f} zeroed "
+        f"({increase:+.4f})"
+    ]
+    for where in ("prompt", "corpus"):
+        sinks = document["sinks"][where]
+        pairs = [
+            (c - z, layer, head, c, z)
+            for layer, (cs, zs) in enumerate(zip(sinks["clean"], sinks["zeroed"], strict=True))
+            for head, (c, z) in enumerate(zip(cs, zs, strict=True))
+        ]
+        top = sorted(pairs, key=lambda p: -abs(p[0]))[:shown]
+        heads = ", ".join(f"L{layer} H{head} {c:.2f}->{z:.2f}" for _, layer, head, c, z in top)
+        lines.append(f"attention on the sink token ({where}, clean->zeroed): {heads}")
+    rows = [r for r in document["patching"]["components"] if r["recovered"] is not None]
+    rows.sort(key=lambda r: -r["recovered"])
+    lines.append("components that recover the most when restored (exact; reproduced when")
+    lines.append("  patched into the clean run; attribution's estimate):")
+    lines += [
+        f"  {r['label']:<10} recovers {r['recovered']:+7.1%}  reproduces {r['reproduced']:+7.1%}"
+        f"  estimated {r['estimated']:+7.1%}"
+        for r in rows[:shown]
+    ]
+    a = document["agreement"]
+    spearman = "n/a" if a["spearman"] is None else f"{a['spearman']:.3f}"
+    lines.append(
+        f"attribution vs exact over {a['n_components']} components: Spearman {spearman}, "
+        f"top-{a['k']} overlap {a['top_k_overlap']}/{a['k']}, exact's top component is "
+        f"attribution's #{a['attribution_rank_of_exact_top']}"
+    )
+    story = document["residual"]
+    present = story["present_layers"]
+    lines.append(
+        f"residual stream at {story['token']!r} (position {story['position']}), channel "
+        f"{story['row']}: peak {story['channel_clean'][story['peak_layer']]:.4g} after layer "
+        f"{story['peak_layer']}; >= half the peak after layers "
+        f"{present[0]}-{present[-1]}; cancelled by layers {story['cancelling_layers'] or 'none'}; "
+        f"logit lens at the last layer {story['lens_clean'][-1]!r} -> {story['lens_zeroed'][-1]!r}"
+    )
+    lines.append(
+        f"cost in single-pass equivalents: attribution {attribution['passes']:.2f}, "
+        f"exact patching {exact['passes']:.1f}"
+    )
+    return "\n".join(lines)

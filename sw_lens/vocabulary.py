@@ -85,6 +85,21 @@ def hook_resid_post(layer: int | str) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
+def hook_attn_out(layer: int | str) -> str:
+    """The attention's output as it enters the residual stream (d_model)."""
+    return f"blocks.{layer}.hook_attn_out"
+
+
+def hook_pattern(layer: int | str) -> str:
+    """Attention probabilities, [batch, head, query, key]."""
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def hook_z(layer: int | str) -> str:
+    """Each head's output before the output projection, [batch, pos, head, d_head]."""
+    return f"blocks.{layer}.attn.hook_z"
+
+
 # --- layouts: where (row, col) sits in each stored form of the weight ----------------------
 
 # layout -> (what it indexes, whether its index is (col, row) rather than (row, col))

@@ -17,3 +17,9 @@ def test_the_search_benchmark_runs_on_a_tiny_config():
     done = run_experiment("benchmarks/search.py", "--tiny", timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Threshold-free search" in done.stdout and "x plain run" in done.stdout
+
+
+def test_the_circuit_benchmark_runs_on_a_tiny_config():
+    done = run_experiment("benchmarks/circuit.py", "--tiny", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Circuit patching cost" in done.stdout and "attribution patching <= 3" in done.stdout

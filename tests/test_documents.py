@@ -191,4 +191,12 @@ def test_every_kind_names_a_figure_that_exists_and_the_sweep_runs_the_swept_ones
 
     for entry in KINDS.values():
         assert callable(getattr(figures, entry.figure))
-    assert EXPERIMENTS == ("locate", "controls", "restore", "stopwords", "scaling", "quantize")
+    assert EXPERIMENTS == (
+        "locate",
+        "controls",
+        "restore",
+        "stopwords",
+        "scaling",
+        "quantize",
+        "circuit",
+    )

@@ -9,6 +9,7 @@ same tokens, against a baseline measured in the same run.
 - prefix reuse: K ablations at layer L as one sweep against the naive loop.
 """
 
+import argparse
 import gc
 import statistics
 import time
@@ -211,6 +212,14 @@ def hook_vs_edit(bridge, ids: torch.Tensor, coord: WeightCoord) -> float:
         with edited_weights(bridge, [coord]):
             edited = bridge(ids)
     return float((hooked.float() - edited.float()).abs().max())
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every CPU benchmark takes: --tiny (the CI smoke run) and --device."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--tiny", action="store_true", help="smoke run on a tiny random model")
+    p.add_argument("--device", default="cpu")
+    return p
 
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> str:

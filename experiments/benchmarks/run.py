@@ -4,12 +4,11 @@ Default: the embedded SmolLM2-135M on the Lee corpus, on CPU. --tiny uses a smal
 Llama-shaped model instead: the CI smoke run, whose ratios mean nothing.
 """
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import torch
-from bench import byte_tokenizer, prefix_reuse, scan_memory, table, throughput
+from bench import byte_tokenizer, parser, prefix_reuse, scan_memory, table, throughput
 from transformers import AutoModelForCausalLM
 
 from experiments._cli import run
@@ -78,10 +77,8 @@ def report(bridge, reference, tokens, protocol, coord, scan_tokens, k, repeats) 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--tiny", action="store_true", help="smoke run on a tiny random model")
+    p = parser(__doc__)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--tokens", type=int, default=2048, help="corpus tokens per pass")

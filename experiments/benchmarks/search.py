@@ -9,7 +9,6 @@ Default: the embedded SmolLM2-135M with the default options, on CPU. --tiny uses
 small random Llama-shaped model: the CI smoke run, whose ratios mean nothing.
 """
 
-import argparse
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench import table
+from bench import parser, table
 from run import tiny_model
 
 from experiments._cli import run
@@ -84,9 +83,7 @@ def command(argv: list[str]) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--tiny", action="store_true", help="smoke run on a tiny random model")
-    p.add_argument("--device", default="cpu")
+    p = parser(__doc__)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config = LocateConfig(device=args.device)
