@@ -139,7 +139,7 @@ def flipped_at(d: Decomposition) -> int | None:
 
 def verdict(d: Decomposition) -> tuple[str, str]:
     """ "one weight", "bias", "distributed" or "re-created downstream", with the numbers."""
-    where = f"layer {d.layer} hook_mlp_out[{d.pos}, {d.row}] = {d.mlp_out:.4g} on {d.token!r}"
+    where = f"layer {d.layer} down_proj output[{d.pos}, {d.row}] = {d.mlp_out:.4g} on {d.token!r}"
     shares = (
         f"top-1 product {d.top1_share:.1%} of it (col {d.top[0][0]}), top-5 "
         f"{d.top5_share:.1%}, top-20 {d.top20_share:.1%}, bias {d.bias_share:.1%}"

@@ -37,15 +37,18 @@ _TWINS: "weakref.WeakKeyDictionary[TransformerBridge, PreTrainedModel]" = (
 
 
 def hf_twin(model: TransformerBridge) -> PreTrainedModel:
-    """The plain HF model over the bridge's parameters, with ``sdpa`` attention; built
-    once per bridge."""
+    """The plain HF model over the bridge's parameters, with ``sdpa`` attention where the
+    architecture has it; built once per bridge."""
     if model in _TWINS:
         return _TWINS[model]
     original = model.original_model
     config = copy.deepcopy(original.config)
     config.__dict__.pop("quantization_config", None)  # GGUF: the weights are dequantized
     with init_empty_weights():  # parameters on the meta device, buffers (rotary) real
-        twin = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        try:
+            twin = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        except ValueError:  # an architecture without sdpa (Gemma 2): its own attention
+            twin = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     state = {
         name.replace("._original_component", ""): tensor
         for name, tensor in original.state_dict(keep_vars=True).items()

@@ -24,7 +24,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 from sw_lens import pages  # noqa: E402
 from sw_lens.errors import SwLensError  # noqa: E402
 from sw_lens.results import write_atomic  # noqa: E402
-from sw_lens.vocabulary import hook_mlp_out, hook_post  # noqa: E402
+from sw_lens.vocabulary import hook_down_out, hook_post  # noqa: E402
 
 COLUMN_WIDTH = 3.4  # inches: one column of a two-column paper
 DPI = 300
@@ -113,7 +113,7 @@ def _figure(height: float, ncols: int = 1):
 
 HOOKS = {
     "post": ("down_proj_input_max", hook_post("l"), "down-projection input"),
-    "mlp_out": ("down_proj_output_max", hook_mlp_out("l"), "down-projection output"),
+    "mlp_out": ("down_proj_output_max", hook_down_out("l"), "down-projection output"),
 }
 
 
@@ -159,7 +159,7 @@ def spike_heatmap(document: dict, out_dir: Path) -> list[Path]:
     fig, axes = _figure(0.9 + 0.12 * len(tokens), ncols=2)
     for ax, key, hook in (
         (axes[0], "post", hook_post(layer)),
-        (axes[1], "mlp_out", hook_mlp_out(layer)),
+        (axes[1], "mlp_out", hook_down_out(layer)),
     ):
         values = np.array(acts[key][: len(tokens)])
         limit = float(np.abs(values).max()) or 1.0
@@ -381,7 +381,7 @@ def track_figure(document: dict, out_dir: Path) -> list[Path]:
                 label=f"layer {layer}",
             )
         top.set_yscale("log")
-        top.set_ylabel("max |blocks.l.hook_mlp_out|")
+        top.set_ylabel("max |down_proj output|")
         top.legend(frameon=False, ncols=2)
         weights = sorted(
             {(c["layer"], c["row"], c["col"]) for r in records for c in r["candidates"]}
@@ -424,7 +424,7 @@ def decomposition_figure(document: dict, out_dir: Path) -> list[Path]:
         ax.axhline(1.0, color=GREY, linewidth=0.5)
         ax.set_xscale("log")
         ax.set_xlabel("k largest products hook_post[pos, col] * W_out[col, row], toward the output")
-        ax.set_ylabel("share of hook_mlp_out[pos, row]")
+        ax.set_ylabel("share of down_proj output[pos, row]")
         ax.legend(frameon=False)
         text = f"{document['model']['name']}, {_prompts(document)}"
         return _save(fig, out_dir, "decomposition", text, "spike decomposition")
@@ -460,7 +460,7 @@ def robustness_figure(document: dict, out_dir: Path, max_weights: int = 8) -> li
         ax.set_yticks(range(len(weights)), labels)
         ax.invert_yaxis()
         ax.set_xscale("log")
-        ax.set_xlabel("max |blocks.l.hook_mlp_out[:, row]| per text")
+        ax.set_xlabel("max |down_proj output[:, row]| per text")
         ax.set_title("super activation per text; label: texts where the rule names it")
         handles = [
             plt.Line2D([], [], marker="o", linestyle="", markersize=3, color=colour, label=kind)

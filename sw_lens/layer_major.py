@@ -12,18 +12,20 @@ rows and the cached keys and values). Peak memory is then the residual stream, o
 layer's keys and values, and one chunk's attention scores and MLP activations.
 
 The reduction is the same `scan.SpikeReducer` as the streaming scan, fed per chunk by module
-hooks on the down-projection (its input is ``hook_post``, its output ``hook_mlp_out``)
-and on the norm before the MLP (its input is ``hook_resid_mid``). The result equals
+hooks on the down-projection (its input is ``hook_post``, its output the down-projection
+output that `scan.scan` reads), on the module whose input is ``hook_resid_mid`` and on
+any norm after the MLP (its output is ``hook_mlp_out``; see `_mlp_sublayer`). The result equals
 `scan.scan`'s (positions, channels and tokens; values to float rounding), which the
 tests check. Rotary-position decoders without sliding windows (Llama, Mistral, Qwen2,
-and their kin) are supported; others get a one-line error naming `scan.scan`.
+and their kin) are supported; others, and any model whose layers a short chunked run
+does not reproduce, get a one-line error naming `scan.scan`.
 """
 
 from collections.abc import Sequence
 
 import torch
 from jaxtyping import Int
-from torch import Tensor
+from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import DynamicCache
 
@@ -65,6 +67,32 @@ def _check_supported(twin, n_tokens: int) -> None:
         )
 
 
+_PROBE = 8  # tokens of the check that running layers in chunks reproduces the model
+
+
+def _check_reproduced(model, twin, layers, ids: Tensor) -> None:
+    """Refuse, in one line, a model whose layers this scan does not reproduce (Gemma 2
+    and 3 alternate sliding and global attention, which a chunked call does not set up):
+    the residual stream after every layer but the last, run in two chunks over the
+    text's first tokens, must match the model's own forward."""
+    probe = ids[:_PROBE].to(model.cfg.device)
+    with torch.inference_mode():
+        hidden = twin(probe[None], output_hidden_states=True, use_cache=False).hidden_states
+        resid = _embedding(twin, layers, probe[None])
+        for index, layer in enumerate(list(layers)[:-1]):
+            try:
+                reducer = SpikeReducer(model)
+                _run_layer(model, twin, layer, index, resid, _PROBE // 2, reducer, 0, probe)
+                reproduced = torch.allclose(resid, hidden[index + 1], rtol=1e-4, atol=1e-5)
+            except (TypeError, ValueError, RuntimeError):  # a layer that needs more arguments
+                reproduced = False
+            if not reproduced:
+                raise SwLensError(
+                    f"the layer-major scan does not reproduce layer {index} of "
+                    f"{type(twin).__name__} when run in chunks: use scan.scan"
+                )
+
+
 def scan_layer_major(
     model: TransformerBridge,
     texts: Sequence[Int[Tensor, "pos"]],
@@ -82,6 +110,7 @@ def scan_layer_major(
     device = model.cfg.device
     for text, ids in enumerate(texts):
         _check_supported(twin, len(ids))
+        _check_reproduced(model, twin, layers, ids)
         with torch.inference_mode():
             resid = _embedding(twin, layers, ids[None].to(device))
             for index, layer in enumerate(layers):
@@ -89,34 +118,42 @@ def scan_layer_major(
     return reducer.result(prepend_bos, texts)
 
 
+def _mlp_sublayer(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(a module whose input is the residual stream entering the MLP sublayer, a norm
+    applied to the MLP's output before it is added, or None). Llama-like layers read
+    ``post_attention_layernorm``'s input; Gemma 2/3 normalise before and after the MLP
+    (there ``post_attention_layernorm`` follows the attention); OLMo 2 feeds the
+    residual to the MLP directly and normalises its output."""
+    after = getattr(layer, "post_feedforward_layernorm", None)
+    before = getattr(layer, "pre_feedforward_layernorm", None)
+    if before is None:
+        before = (
+            layer.mlp if after is not None else getattr(layer, "post_attention_layernorm", None)
+        )
+    return before, after
+
+
 def _run_layer(model, twin, layer, index, resid, chunk, reducer, text, ids) -> None:
     """Run decoder layer `index` over `resid` in chunks, in place, feeding the reducer."""
     n = resid.shape[1]
     cache = DynamicCache(config=twin.config)
-    state = {}  # the chunk's first position, and its resid_mid once the norm sees it
+    state = {}  # one chunk's activations, as the layer's modules see them
 
-    def on_resid_mid(module, args):
-        state["resid_mid"] = args[0][0]
+    def keep(key: str, tensor: Tensor) -> None:
+        state[key] = tensor[0]
 
-    def on_down_proj(module, args, out):
-        reducer.update(
-            index,
-            text,
-            ids,
-            post=args[0][0],
-            mlp_out=out[0],
-            resid_mid=state.pop("resid_mid", None),
-            offset=state["start"],
-        )
-
-    handles = [down_proj_module(model, twin, index).register_forward_hook(on_down_proj)]
-    norm = getattr(layer, "post_attention_layernorm", None)
-    if norm is not None:
-        handles.append(norm.register_forward_pre_hook(on_resid_mid))
+    before, after = _mlp_sublayer(layer)
+    down = down_proj_module(model, twin, index)
+    handles = [
+        down.register_forward_hook(lambda m, args, out: state.update(post=args[0][0], down=out[0]))
+    ]
+    if before is not None:
+        handles.append(before.register_forward_pre_hook(lambda m, args: keep("resid_mid", args[0])))
+    if after is not None:
+        handles.append(after.register_forward_hook(lambda m, args, out: keep("added", out)))
     try:
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
-            state["start"] = start
             positions = torch.arange(start, end, device=resid.device)[None]
             keys = torch.arange(end, device=resid.device)
             mask = (keys[None, :] <= positions[0, :, None])[None, None]  # causal, offset
@@ -129,6 +166,16 @@ def _run_layer(model, twin, layer, index, resid, chunk, reducer, text, ids) -> N
                 use_cache=True,
             )
             resid[:, start:end] = out[0] if isinstance(out, tuple) else out
+            reducer.update(
+                index,
+                text,
+                ids,
+                post=state.pop("post"),
+                mlp_out=state.pop("down"),
+                resid_mid=state.pop("resid_mid", None),
+                added=state.pop("added", None),
+                offset=start,
+            )
     finally:
         for handle in handles:
             handle.remove()

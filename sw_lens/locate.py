@@ -52,7 +52,7 @@ class Criterion:
 
     def describe(self) -> str:
         return (
-            f"max |hook_post| and max |hook_mlp_out| of a layer both >= {self.min_abs:g} and "
+            f"max |hook_post| and max |down_proj output| of a layer both >= {self.min_abs:g} and "
             f">= {self.min_ratio:g}x the median over layers of that hook's max, on the same "
             f"token; called a super weight when zeroing it alone multiplies perplexity by "
             f">= {self.min_ppl_ratio:g}"
@@ -95,7 +95,7 @@ class LocateResult:
 
 
 def medians(result: ScanResult) -> tuple[float, float]:
-    """Median over layers of max |hook_post| and of max |hook_mlp_out|."""
+    """Median over layers of max |hook_post| and of max |down-projection output|."""
     return (
         median(s.post.magnitude for s in result.layers),
         median(s.mlp_out.magnitude for s in result.layers),

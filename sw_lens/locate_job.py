@@ -30,7 +30,13 @@ from sw_lens.results import SCHEMA_VERSION, provenance
 from sw_lens.scan import ScanResult, layer_activations, weight_spikes
 from sw_lens.search import SearchResult
 from sw_lens.setup import LocateConfig, load, prompt_tokens
-from sw_lens.vocabulary import WeightCoord, down_proj_parameter, stored_index
+from sw_lens.vocabulary import (
+    WeightCoord,
+    down_proj_parameter,
+    hook_down_out,
+    hook_mlp_out,
+    stored_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +226,10 @@ def scan_dict(result: ScanResult, prompts: list[str]) -> dict:
         "prompts": prompts,
         "prepend_bos": result.prepend_bos,
         "n_tokens": result.n_tokens,
+        # Which hooks the spikes were read at: the down-projection's own output, and what
+        # the MLP adds to the residual stream (the same tensor unless a norm follows it).
+        "output_hook": hook_down_out("{l}"),
+        "added_hook": hook_mlp_out("{l}"),
         "layers": [asdict(s) | {"cancels": s.cancels} for s in result.layers],
     }
 

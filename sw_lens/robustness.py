@@ -9,12 +9,12 @@ on content words.
 
 `robustness` scans every text on its own and applies the locate rule per text (the
 medians over layers are that text's own). For every weight the rule names on any text,
-plus any given weight, it then records per text the largest |``hook_mlp_out``| at the
+plus any given weight, it then records per text the largest |down-projection output| at the
 weight's output channel ``row`` in its layer, and where that sits, and the weight's own
 largest contribution to that row (|``hook_post[:, col]`` x ``W[row, col]``|: weights of
 one row share the row's activation, not their contribution). Per weight it reports in
 how many texts the rule names it, in how many of those it also makes the text's top
-spike (the largest |``hook_mlp_out``| over all layers), the median and max of its own
+spike (the largest |down-projection output| over all layers), the median and max of its own
 contribution and of its row's super activation over texts, whether the rule found it
 creating or cancelling the massive activation, and the kinds of token it fires on where
 the rule names it, with flags a reviewer should see (a weight that cancels is no super
@@ -58,14 +58,14 @@ class Firing:
     """A weight's output channel at its largest |value| over one text."""
 
     text: int
-    value: float  # hook_mlp_out[pos, row] of the weight's layer, signed
+    value: float  # the down-projection output [pos, row] of the weight's layer, signed
     pos: int
     token: str
     kind: str  # one of TOKEN_KINDS
     post: float  # hook_post[pos, col] at the same token: the super weight's input
     contribution: float  # the weight's largest |hook_post[:, col] * W[row, col]|, signed
     role: str | None  # "creates" or "cancels" where the rule names the weight, else None
-    is_top: bool  # named by the rule and the text's largest |hook_mlp_out| over layers
+    is_top: bool  # named by the rule and the text's largest |down-proj output| over layers
     by_rule: bool  # the locate rule names this weight on this text alone
 
 
@@ -77,7 +77,7 @@ class WeightRobustness:
     n_texts: int
     n_rule: int  # texts where the rule (criterion) names the weight
     n_top: int  # of those, texts where it makes the largest spike over all layers
-    median_activation: float  # median over texts of max |hook_mlp_out[:, row]| (the row's)
+    median_activation: float  # median over texts of max |down-proj output[:, row]| (the row's)
     max_activation: float
     median_contribution: float  # median over texts of the weight's own max |contribution|
     max_contribution: float

@@ -1,23 +1,28 @@
 """Per-layer spikes of the down-projection's input and output.
 
 For every layer we record the largest |value| of ``blocks.{l}.mlp.hook_post`` (the
-down-projection input, d_mlp channels) and of ``blocks.{l}.hook_mlp_out`` (its output,
-d_model channels), with the text, position, token and channel where it occurs. A super
-weight shows up as an input spike at channel ``col`` and an output spike at channel
-``row`` on the same token (paper, Sec. 3.1).
+down-projection input, d_mlp channels) and of ``blocks.{l}.mlp.out.hook_out`` (its own
+output, d_model channels), with the text, position, token and channel where it occurs. A
+super weight shows up as an input spike at channel ``col`` and an output spike at
+channel ``row`` on the same token (paper, Sec. 3.1). The output is read before any norm
+that an architecture puts after the MLP (Gemma 2 and 3, OLMo 2): there
+``blocks.{l}.hook_mlp_out`` is that norm's output (on a real Gemma-family model 2,862.8
+where the down-projection wrote 28.58) and elsewhere the same tensor.
 
 `scan` reduces inside the hooks, so memory holds one layer's activation at a time, never
 the whole cache; `scan_with_cache` goes through ``run_with_cache`` for users who want the
 raw tensors and gives the same result.
 
 Each output spike also carries the residual stream entering the MLP
-(``hook_resid_mid``) at that token and channel: an MLP that *cancels* a massive
-activation (|resid + out| < |resid|) meets the spike rule as well as one that creates it.
+(``hook_resid_mid``) and what the MLP adds to it (``hook_mlp_out``, after any post-MLP
+norm) at that token and channel: an MLP that *cancels* a massive activation
+(|resid + added| < |resid|) meets the spike rule as well as one that creates it.
 """
 
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from jaxtyping import Float, Int
@@ -28,7 +33,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from sw_lens.errors import NonFiniteActivation, SwLensError
 from sw_lens.patching import by_layer, weight_value
 from sw_lens.progress import bar
-from sw_lens.vocabulary import WeightCoord, hook_mlp_out, hook_post, hook_resid_mid
+from sw_lens.vocabulary import WeightCoord, hook_down_out, hook_mlp_out, hook_post, hook_resid_mid
 
 
 @dataclass
@@ -53,13 +58,14 @@ class LayerSpikes:
     post: Spike  # down-projection input, channel in d_mlp
     mlp_out: Spike  # down-projection output, channel in d_model
     resid_mid: float | None  # residual entering the MLP at mlp_out's token and channel
+    added: float | None = None  # what the MLP adds to the residual there (hook_mlp_out)
 
     @property
     def cancels(self) -> bool:
         """The MLP output shrinks the residual stream at its spike instead of growing it."""
-        if self.resid_mid is None:
+        if self.resid_mid is None or self.added is None:
             return False
-        return abs(self.resid_mid + self.mlp_out.value) < abs(self.resid_mid)
+        return abs(self.resid_mid + self.added) < abs(self.resid_mid)
 
 
 @dataclass
@@ -104,6 +110,7 @@ class SpikeReducer:
         self.post: list[Spike | None] = [None] * n
         self.out: list[Spike | None] = [None] * n
         self.resid: list[float | None] = [None] * n
+        self.added: list[float | None] = [None] * n
 
     def update(
         self,
@@ -113,22 +120,23 @@ class SpikeReducer:
         post: Float[Tensor, "pos d_mlp"] | None = None,
         mlp_out: Float[Tensor, "pos d_model"] | None = None,
         resid_mid: Float[Tensor, "pos d_model"] | None = None,
+        added: Float[Tensor, "pos d_model"] | None = None,
         offset: int = 0,
     ) -> None:
         """Fold in one layer's activations of text `text` at positions ``offset..`` (the
-        whole text, or a chunk of it)."""
+        whole text, or a chunk of it): `mlp_out` is the down-projection's own output,
+        `added` what the MLP adds to the residual stream (`mlp_out` unless a norm
+        follows the MLP)."""
         if post is not None:
             spike = self._beats(self.post[layer], hook_post(layer), post, text, ids, offset)
             self.post[layer] = spike or self.post[layer]
         if mlp_out is not None:
-            spike = self._beats(self.out[layer], hook_mlp_out(layer), mlp_out, text, ids, offset)
+            spike = self._beats(self.out[layer], hook_down_out(layer), mlp_out, text, ids, offset)
             if spike is not None:
                 self.out[layer] = spike
-                self.resid[layer] = (
-                    None
-                    if resid_mid is None
-                    else float(resid_mid[spike.pos - offset, spike.channel])
-                )
+                at = (spike.pos - offset, spike.channel)
+                self.resid[layer] = None if resid_mid is None else float(resid_mid[at])
+                self.added[layer] = float((mlp_out if added is None else added)[at])
 
     def _beats(
         self,
@@ -151,9 +159,9 @@ class SpikeReducer:
 
     def result(self, prepend_bos: bool, texts: Sequence[Tensor]) -> ScanResult:
         layers = [
-            LayerSpikes(layer, post, out, resid)
-            for layer, (post, out, resid) in enumerate(
-                zip(self.post, self.out, self.resid, strict=True)
+            LayerSpikes(layer, post, out, resid, added)
+            for layer, (post, out, resid, added) in enumerate(
+                zip(self.post, self.out, self.resid, self.added, strict=True)
             )
         ]
         n_tokens = sum(len(t) for t in texts)
@@ -185,8 +193,9 @@ def scan(
 
 
 class _ScanDone(Exception):
-    """Raised after the last layer's hook_mlp_out: the final norm and the unembedding
-    (a [pos, d_vocab] tensor, often the largest of the forward) are never computed."""
+    """Raised after the last layer's hook_mlp_out (which follows the down-projection's
+    own output): the final norm and the unembedding (a [pos, d_vocab] tensor, often the
+    largest of the forward) are never computed."""
 
 
 def _reducer_hooks(reducer: SpikeReducer, text: int, ids: Tensor, has_resid_mid: bool) -> list:
@@ -194,24 +203,30 @@ def _reducer_hooks(reducer: SpikeReducer, text: int, ids: Tensor, has_resid_mid:
 
     The layer is bound as a default argument: inside a hook, `hook.name` can be the
     canonical name (``mlp.out.hook_in``) rather than the alias we registered."""
-    residual: dict[int, Tensor] = {}
+    kept: dict[tuple[str, int], Tensor] = {}
     hooks = []
     for layer in range(len(reducer.post)):
 
-        def on_resid_mid(act, hook, layer=layer):
-            residual[layer] = act[0]
+        def keep(act, hook, key):
+            kept[key] = act[0]
 
         def on_post(act, hook, layer=layer):
             reducer.update(layer, text, ids, post=act[0])
 
         def on_mlp_out(act, hook, layer=layer):
-            reducer.update(layer, text, ids, mlp_out=act[0], resid_mid=residual.pop(layer, None))
+            down_out = kept.pop(("down_out", layer))
+            resid = kept.pop(("resid_mid", layer), None)
+            reducer.update(layer, text, ids, mlp_out=down_out, resid_mid=resid, added=act[0])
             if layer == len(reducer.post) - 1:
                 raise _ScanDone
 
         if has_resid_mid:
-            hooks.append((hook_resid_mid(layer), on_resid_mid))
-        hooks += [(hook_post(layer), on_post), (hook_mlp_out(layer), on_mlp_out)]
+            hooks.append((hook_resid_mid(layer), partial(keep, key=("resid_mid", layer))))
+        hooks += [
+            (hook_post(layer), on_post),
+            (hook_down_out(layer), partial(keep, key=("down_out", layer))),
+            (hook_mlp_out(layer), on_mlp_out),
+        ]
     return hooks
 
 
@@ -219,14 +234,14 @@ def scan_with_cache(
     model: TransformerBridge, texts: Sequence[Int[Tensor, "pos"]], prepend_bos: bool
 ) -> tuple[ScanResult, list[ActivationCache]]:
     """`scan` through ``run_with_cache``: same result, plus every text's cache of
-    ``hook_post``, ``hook_mlp_out`` and ``hook_resid_mid`` (memory grows with layers x
-    tokens; use `scan` for long inputs)."""
+    ``hook_post``, the down-projection's output, ``hook_mlp_out`` and ``hook_resid_mid``
+    (memory grows with layers x tokens; use `scan` for long inputs)."""
     check_texts(texts)
     reducer = SpikeReducer(model)
     names = {
         name(layer)
         for layer in range(model.cfg.n_layers)
-        for name in (hook_post, hook_mlp_out, hook_resid_mid)
+        for name in (hook_post, hook_down_out, hook_mlp_out, hook_resid_mid)
     }
     caches = []
     for text, ids in enumerate(texts):
@@ -241,8 +256,9 @@ def scan_with_cache(
                 text,
                 ids,
                 post=cache[hook_post(layer)][0],
-                mlp_out=cache[hook_mlp_out(layer)][0],
+                mlp_out=cache[hook_down_out(layer)][0],
                 resid_mid=resid,
+                added=cache[hook_mlp_out(layer)][0],
             )
         caches.append(cache)
     return reducer.result(prepend_bos, texts), caches
@@ -252,7 +268,7 @@ def scan_with_cache(
 class ColumnMax:
     """A weight's output row and its own share of it, on one text."""
 
-    value: float  # the signed largest |hook_mlp_out[:, row]| (the super activation there)
+    value: float  # the down-projection output's signed largest |value| in `row`
     pos: int  # ... at this position
     post: float  # hook_post[pos, col]: the weight's input at that position
     contribution: float  # the signed largest |hook_post[:, col] * W[row, col]| over the text
@@ -283,7 +299,7 @@ def column_maxima(
                     float(contribution[contribution.abs().argmax()]),
                 )
 
-        hooks += [(hook_post(layer), keep_post), (hook_mlp_out(layer), measure)]
+        hooks += [(hook_post(layer), keep_post), (hook_down_out(layer), measure)]
     with torch.inference_mode():
         model.run_with_hooks(ids[None].to(model.cfg.device), fwd_hooks=hooks, return_type=None)
     return found
@@ -293,8 +309,8 @@ def weight_spikes(
     model: TransformerBridge, texts: Sequence[Int[Tensor, "pos"]], coord: WeightCoord
 ) -> tuple[Spike, Spike]:
     """A weight's input and output on `texts`, where its output is largest: the
-    ``hook_post`` value of its column and the ``hook_mlp_out`` value of its row at the
-    token with the largest |hook_mlp_out[:, row]| (its super activation)."""
+    ``hook_post`` value of its column and the down-projection output of its row at the
+    token where that is largest in magnitude (its super activation)."""
     best = None
     for text, ids in enumerate(texts):
         seen = column_maxima(model, ids, [coord])[coord]
@@ -304,7 +320,7 @@ def weight_spikes(
     token = _token(model, texts[text], pos)
     return (
         Spike(hook_post(coord.layer), post, text, pos, coord.col, token),
-        Spike(hook_mlp_out(coord.layer), value, text, pos, coord.row, token),
+        Spike(hook_down_out(coord.layer), value, text, pos, coord.row, token),
     )
 
 
@@ -316,7 +332,7 @@ class LayerActivations:
     tokens: list[str]
     post_channels: list[int]  # hook_post channels, largest max |value| first
     post: list[list[float]]  # [pos][channel]
-    mlp_out_channels: list[int]
+    mlp_out_channels: list[int]  # of the down-projection's own output
     mlp_out: list[list[float]]
 
 
@@ -325,7 +341,7 @@ def layer_activations(
 ) -> LayerActivations:
     """The `top_k` channels of each hook by max |value| over the text, for a heatmap that
     shows whether a super activation sits on one channel at a few tokens."""
-    names = [hook_post(layer), hook_mlp_out(layer)]
+    names = [hook_post(layer), hook_down_out(layer)]
     with torch.inference_mode():
         _, cache = model.run_with_cache(
             ids[None].to(model.cfg.device), names_filter=names.__contains__

@@ -138,7 +138,7 @@ BAD_INPUT = [
     (["--prompt", "  "], "every prompt must contain text"),
     (
         ["--model", "{overflow}", "--dtype", "float16"],
-        "blocks.1.hook_mlp_out has inf/NaN values in torch.float16",
+        "blocks.1.mlp.out.hook_out has inf/NaN values in torch.float16",
     ),
 ]
 if not torch.cuda.is_available():

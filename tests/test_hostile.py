@@ -269,5 +269,5 @@ def test_non_finite_weights_are_named_at_their_first_layer(tmp_path):
         *("locate.py", "--model", path, "--text", corpus, "--window", "64"),
         *("--device", "cpu", "--out", out),
     )
-    assert_refused(done, out, "blocks.2.hook_mlp_out has inf/NaN values in torch.float32")
+    assert_refused(done, out, "blocks.2.mlp.out.hook_out has inf/NaN values in torch.float32")
     assert "the checkpoint's weights up to this layer hold inf/NaN" in done.stderr

@@ -117,7 +117,7 @@ def test_a_float16_overflow_is_reported_at_its_first_layer(tmp_path):
     big = Plant(layer=1, row=5, col=17, dim=3, value=300.0)  # 300 x 511 > float16's 65504
     loaded = load_model(str(save(build("llama", [big]), tmp_path / "m")), "cpu", "float16")
     ids = torch.tensor(byte_tokenizer()(PROMPT)["input_ids"])
-    with pytest.raises(NonFiniteActivation, match=r"blocks\.1\.hook_mlp_out .* bfloat16"):
+    with pytest.raises(NonFiniteActivation, match=r"blocks\.1\.mlp\.out\.hook_out .* bfloat16"):
         scan(loaded.bridge, [ids], prepend_bos=False)
 
 

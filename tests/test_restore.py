@@ -21,7 +21,7 @@ PLANTED = WeightCoord(ONE.layer, ONE.row, ONE.col)
 def test_restoring_keeps_massive_positions_and_ablates_the_rest(tiny):
     model = tiny.bridge
     ids = prompt_tokens(tiny, [PROMPT + " and A again"], False)[0][None]
-    name = f"blocks.{ONE.layer}.hook_mlp_out"
+    name = f"blocks.{ONE.layer}.mlp.out.hook_out"  # the down-projection output
     _, clean = model.run_with_cache(ids, names_filter=name)
     with model.hooks(fwd_hooks=ablation_hooks(model, [PLANTED])):
         _, zeroed = model.run_with_cache(ids, names_filter=name)

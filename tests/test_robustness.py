@@ -44,7 +44,7 @@ def test_activations_are_the_hand_computed_column_maxima(delimited):
     w = float(delimited.bridge.blocks[1].mlp.W_out.detach()[17, 5])
     for text in ids:
         _, cache = delimited.bridge.run_with_cache(text[None])
-        column = cache["blocks.1.hook_mlp_out"][0, :, 5]
+        column = cache["blocks.1.mlp.out.hook_out"][0, :, 5]
         hand.append(float(column.abs().max()))
         own.append(float((cache["blocks.1.mlp.hook_post"][0, :, 17] * w).abs().max()))
         pos = int(column.abs().argmax())

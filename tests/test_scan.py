@@ -23,7 +23,7 @@ def test_planted_spike_is_found_at_its_layer_channel_and_token(tiny):
     assert (spike.post.text, spike.post.pos) == (1, PROMPT.index(TRIGGER))
     assert spike.post.token == TRIGGER and spike.mlp_out.token == TRIGGER
     assert spike.post.hook == f"blocks.{ONE.layer}.mlp.hook_post"
-    assert spike.mlp_out.hook == f"blocks.{ONE.layer}.hook_mlp_out"
+    assert spike.mlp_out.hook == f"blocks.{ONE.layer}.mlp.out.hook_out"
     others = [s.mlp_out.magnitude for s in result.layers if s.layer != ONE.layer]
     assert spike.mlp_out.magnitude > 50 * max(others)
     assert not spike.cancels
@@ -45,7 +45,7 @@ def test_every_layer_maximum_matches_an_independent_reduction(tiny):
     with torch.inference_mode():
         _, cache = tiny.bridge.run_with_cache(ids[None])
     for s in result.layers:
-        for spike, name in [(s.post, "mlp.hook_post"), (s.mlp_out, "hook_mlp_out")]:
+        for spike, name in [(s.post, "mlp.hook_post"), (s.mlp_out, "mlp.out.hook_out")]:
             act = cache[f"blocks.{s.layer}.{name}"][0]
             assert spike.magnitude == float(act.abs().max())
             assert spike.value == float(act[spike.pos, spike.channel])
