@@ -31,7 +31,7 @@ from sw_lens.mediation import (
 from sw_lens.patching import check_coords
 from sw_lens.perplexity import Protocol, Window, batches_on
 from sw_lens.residual import ResidualStory, residual_story
-from sw_lens.sinks import SinkMap, head_patterns, sink_map, super_activation
+from sw_lens.sinks import SinkMap, head_patterns, sink_map
 from sw_lens.vocabulary import WeightCoord
 
 
@@ -183,7 +183,6 @@ def circuit(
     exact = exact_patching(model, coords, cut, protocol, parts)
     estimated = {c: attribution.estimated(c) for c in parts}
     recovered = {c: exact.recovered(c) for c in parts}
-    position = int(super_activation(model, prompt_ids[:1], coords[0])[0][0].abs().argmax())
     heads = corpus_sinks.top_heads(heads_shown)
     shown = prompts[0][:PAGE_TOKENS]  # a page of patterns: pos x pos per head
     clean, zeroed = head_patterns(model, shown[None].to(device), heads, coords)
@@ -194,6 +193,6 @@ def circuit(
         attribution=attribution,
         exact=exact,
         agreement=Agreement.of(recovered, estimated, top_k),
-        story=residual_story(model, prompt_ids[0], position, coords),
+        story=residual_story(model, prompt_ids[0], prompt_sinks.peak_positions[0], coords),
         pages=AttentionPages(tokens, heads, clean, zeroed),
     )

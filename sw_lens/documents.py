@@ -429,6 +429,7 @@ PAGE_TOKENS = 512  # the attention page's prompt: a file cannot make it larger
 class SinkMap(Strict):
     n_queries: Count
     sink_positions: list[list[Index]]
+    peak_positions: list[Index]
     clean: Annotated[list[list[Mass]], Field(min_length=1)]
     zeroed: list[list[Mass]]
 

@@ -66,6 +66,7 @@ class SinkMap:
 
     n_queries: int
     sink_positions: list[list[int]]  # per sequence
+    peak_positions: list[int]  # per sequence, where the super activation is largest
     clean: Float[Tensor, "n_layers n_heads"]
     zeroed: Float[Tensor, "n_layers n_heads"]
 
@@ -84,6 +85,7 @@ class SinkMap:
         return {
             "n_queries": self.n_queries,
             "sink_positions": self.sink_positions,
+            "peak_positions": self.peak_positions,
             "clean": self.clean.tolist(),
             "zeroed": self.zeroed.tolist(),
         }
@@ -133,11 +135,13 @@ def sink_map(
     """The attention-sink map of `batches` (token ids, each [batch, pos]), the sink tokens
     found from the first of `coords` (the strongest super weight) and all of `coords`
     zeroed together for the comparison."""
-    sinks = sink_masks(super_activation(model, batches, coords[0]), fraction)
+    values = super_activation(model, batches, coords[0])
+    sinks = sink_masks(values, fraction)
     clean, n_queries = _mass(model, batches, sinks, [])
     zeroed, _ = _mass(model, batches, sinks, ablation_hooks(model, coords))
     positions = [row.nonzero().flatten().tolist() for sink in sinks for row in sink]
-    return SinkMap(n_queries, positions, clean, zeroed)
+    peaks = [int(row.abs().argmax()) for batch in values for row in batch]
+    return SinkMap(n_queries, positions, peaks, clean, zeroed)
 
 
 def head_patterns(
