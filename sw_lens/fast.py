@@ -186,7 +186,7 @@ class Resume:
     layer ``start`` or later cannot change is not computed again.
 
     Only exact where the model adds nothing to ``inputs_embeds`` before its first layer
-    (GPT-2 adds position embeddings, Gemma scales them): `check` replays a short full pass
+    (GPT-2 adds position embeddings): `check` replays a short full pass
     from every start and compares bit-for-bit; from a start where that fails, `run`
     computes the whole model instead, with the same result."""
 

@@ -108,9 +108,10 @@ def scan_layer_major(
     layers = getattr(parent, name)
     reducer = SpikeReducer(model)
     device = model.cfg.device
-    for text, ids in enumerate(texts):
+    for ids in texts:  # every refusal before any work
         _check_supported(twin, len(ids))
-        _check_reproduced(model, twin, layers, ids)
+    _check_reproduced(model, twin, layers, texts[0])  # a property of the model: once
+    for text, ids in enumerate(texts):
         with torch.inference_mode():
             resid = _embedding(twin, layers, ids[None].to(device))
             for index, layer in enumerate(layers):

@@ -254,6 +254,7 @@ def attribution_patching(
     runs = _Runs(model, coords, cut, protocol, parts, resume_at_parts=False)
     parts = runs.parts
     totals = dict.fromkeys(parts, 0.0)
+    keys = sorted({_key(c) for c in parts})  # the sites whose gradients are needed
     clean, zeroed = [], []
     with frozen_parameters(runs.resume.twin):
         for ids, targets in runs.each_batch("attribution patching", 3):
@@ -269,7 +270,6 @@ def attribution_patching(
                 losses = _check_finite(
                     scored_nll(runs.run(runs.first, start, ids), targets), "zeroed"
                 )
-                keys = sorted({_key(c) for c in parts})
                 grad = torch.autograd.grad(losses.sum(), [sites[k] for k in keys])
                 grads = dict(zip(keys, grad, strict=True))
             backward = model.cfg.n_layers - (runs.first if runs.resume.exact[runs.first] else 0)
