@@ -26,6 +26,7 @@ import huggingface_hub  # noqa: E402
 import transformers  # noqa: E402
 
 from sw_lens import progress  # noqa: E402
+from sw_lens.documents import Experiment, Header, PerplexityResult  # noqa: E402
 from sw_lens.errors import SwLensError  # noqa: E402
 from sw_lens.experiment import prepare  # noqa: E402
 from sw_lens.options import add_options, from_args  # noqa: E402
@@ -176,7 +177,7 @@ def publish(out: Path, write: Callable[[Path], list[Path]]) -> list[Path]:
     return [out / name for name in names]
 
 
-def save_results(args: argparse.Namespace, stem: str, document: dict, draw) -> None:
+def save_results(args: argparse.Namespace, stem: str, document: Header, draw) -> None:
     """Write ``<stem>.json`` and the figures `draw` makes from it into the output folder,
     all or nothing; say where they went."""
     out = output_dir(args)
@@ -188,18 +189,18 @@ def save_results(args: argparse.Namespace, stem: str, document: dict, draw) -> N
     print(f"\nwrote {paths[0]} and {len(paths) - 1} figure files in {out}")
 
 
-def print_header(document: dict, baseline: dict | None = None) -> None:
-    model = document["model"]
-    print(f"\n{model['name']} ({model['architecture']}, {model['n_layers']} layers)")
-    for w in document["super_weights"]:
+def print_header(document: Experiment, baseline: PerplexityResult | None = None) -> None:
+    model = document.model
+    print(f"\n{model.name} ({model.architecture}, {model.n_layers} layers)")
+    for w in document.super_weights:
         print(
-            f"  super weight: layer {w['layer']} down_proj.weight[{w['row']}, {w['col']}] = "
-            f"{w['value']:+.4g} (W_out[{w['layer']}][{w['col']}, {w['row']}])"
+            f"  super weight: layer {w.layer} down_proj.weight[{w.row}, {w.col}] = "
+            f"{w.value:+.4g} (W_out[{w.layer}][{w.col}, {w.row}])"
         )
-    print(f"  chosen: {document['super_weight_source']}")
+    print(f"  chosen: {document.super_weight_source}")
     if baseline is None:
         return
     print(
-        f"perplexity on {baseline['corpus']}: {baseline['protocol_description']}, "
-        f"{baseline['n_tokens']} tokens scored; baseline {baseline['perplexity']:.3f}"
+        f"perplexity on {baseline.corpus}: {baseline.protocol_description}, "
+        f"{baseline.n_tokens} tokens scored; baseline {baseline.perplexity:.3f}"
     )

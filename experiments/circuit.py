@@ -8,7 +8,8 @@ lens per layer. Writes circuit.json, three figures and an attention page
 
 from experiments._cli import experiment, print_header, run, save_results
 from sw_lens.figures import circuit_figure
-from sw_lens.studies import CircuitOptions, circuit_study, circuit_summary
+from sw_lens.studies import CircuitOptions, circuit_study
+from sw_lens.summaries import circuit_summary
 
 
 def main() -> None:

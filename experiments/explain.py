@@ -19,9 +19,9 @@ def main() -> None:
     output_dir(args)
     document = explain_study(from_args(LocateConfig, args))
     check_interrupted()
-    for d in document["decompositions"]:
-        print(f"{d['explanation']}\n")
-    if not document["decompositions"]:
+    for d in document.decompositions:
+        print(f"{d.explanation}\n")
+    if not document.decompositions:
         print("no spike met the criterion: nothing to decompose")
     save_results(args, "explain", document, decomposition_figure)
 

@@ -21,10 +21,10 @@ def main() -> None:
     args = p.parse_args()
     out = check_writable(args.out or args.results.parent)
     document = read_json(args.results, kind=set(KINDS))
-    if document["kind"] == "locate":
+    if document.kind == "locate":
         paths = publish(out, lambda folder: figures.render_all(document, folder, not args.linear))
     else:
-        draw = getattr(figures, KINDS[document["kind"]].figure)
+        draw = getattr(figures, KINDS[document.kind].figure)
         paths = publish(out, lambda folder: draw(document, folder))
     for path in paths:
         print(path)

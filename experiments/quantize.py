@@ -16,18 +16,16 @@ from sw_lens.studies import QuantizeOptions, quantize_study
 def main() -> None:
     args, prepared, options = experiment(__doc__, QuantizeOptions, {"max_tokens": 2048})
     document = quantize_study(prepared, options)
-    print_header(document, document["baseline"])
-    rows = document["quantized"]
+    print_header(document, document.baseline)
+    rows = document.quantized
     what = "decoder linear layers" if options.all_linear else "down-projections"
-    print(
-        f"quantized: {rows[0]['n_parameters']} {what}; clip {options.clip} {options.clip_value:g}"
-    )
+    print(f"quantized: {rows[0].n_parameters} {what}; clip {options.clip} {options.clip_value:g}")
     print(f"  {'bits':>4} {'block':>7}  " + "".join(f"{m:>24}" for m in METHODS))
     for i in range(0, len(rows), len(METHODS)):
         group = rows[i : i + len(METHODS)]
         print(
-            f"  {group[0]['bits']:>4} {group[0]['block']!s:>7}  "
-            + "".join(f"{r['perplexity']:>24.3f}" for r in group)
+            f"  {group[0].bits:>4} {group[0].block!s:>7}  "
+            + "".join(f"{r.perplexity:>24.3f}" for r in group)
         )
     save_results(args, "quantize", document, quantize_figure)
 

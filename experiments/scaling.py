@@ -13,15 +13,17 @@ from sw_lens.studies import ScalingOptions, scaling_study
 def main() -> None:
     args, prepared, options = experiment(__doc__, ScalingOptions)
     document = scaling_study(prepared, options)
-    print_header(document, document["baseline"])
-    task, baseline = document["task"], document["baseline"]["perplexity"]
+    print_header(document, document.baseline)
+    task, baseline = document.task, document.baseline.perplexity
     if task:
-        print(f"next-word accuracy on {task['n_prompts']} {task['source']}, last word held out")
-    for point in document["scaling"]:
-        accuracy = f"  accuracy {point['accuracy']:.1%}" if task else ""
+        print(f"next-word accuracy on {task.n_prompts} {task.source}, last word held out")
+    for point in document.scaling:
+        accuracy = point.accuracy and (
+            f"  accuracy {point.accuracy.share:.1%} ({point.accuracy.correct}/{task.n_prompts})"
+        )
         print(
-            f"  x{point['scale']:<6g} {point['perplexity']:>10.3f}  "
-            f"(x{point['perplexity'] / baseline:.4f} of baseline){accuracy}"
+            f"  x{point.scale:<6g} {point.perplexity:>10.3f}  "
+            f"(x{point.perplexity / baseline:.4f} of baseline){accuracy or ''}"
         )
     save_results(args, "scaling", document, scaling_figure)
 

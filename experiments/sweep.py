@@ -59,7 +59,7 @@ def plan(sweep) -> None:
     print(f"sweep {sweep.path}: {len(sweep.runs)} runs, results in {sweep.out}")
     for r in sweep.runs:
         status = read_status(sweep, r)
-        state = status["status"] if status else "not run"
+        state = status.status if status else "not run"
         options = " ".join(f"{k}={v}" for k, v in r.options.items() if k != "model")
         print(
             f"  {r.index:>3} {r.name:<24} {r.options['model']:<28} "

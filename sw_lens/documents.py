@@ -9,12 +9,26 @@ not listed here are kept as they are (``extra="allow"``).
 
 Strict mode: a number written as a string, a bool for an integer or NaN/inf are refused,
 as a JSON document written by sw_lens never has them.
+
+The types are the documents: a study returns one (`typed`), `Header.to_json` writes it,
+`Header.from_json` (and `sw_lens.results.read_json`) read it back, and figures, the sweep
+report and the commands' summaries read fields as attributes, so a field they use is a
+field declared here. The schemas live in this one module rather than beside each study so
+that redrawing figures or reading a sweep imports pydantic, not torch and the models.
 """
 
+import json
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from sw_lens.errors import SwLensError
 
@@ -58,15 +72,53 @@ class Coord(Strict):
     row: Index
     col: Index
 
+    def key(self) -> tuple[int, int, int]:
+        return self.layer, self.row, self.col
+
 
 class Weight(Coord):
     value: float
 
 
+class Criterion(Strict):
+    min_ppl_ratio: float
+    description: str
+
+
+class Provenance(Strict):
+    created: str
+    git_commit: str | None
+    versions: dict[str, str]
+    device: str
+    dtype: str
+    seed: int
+
+
+SCHEMA_VERSION = 2  # 2: next-word accuracy as counts; a track names its model
+
+
 class Header(Strict):
-    schema_version: Literal[1]
+    """What every results document starts with."""
+
+    schema_version: Literal[2]
     kind: str
-    provenance: dict
+    provenance: Provenance
+
+    @classmethod
+    def from_json(cls, text: str, what: str = "results document") -> Self:
+        """A document of this kind from JSON text, or a one-line error naming `what`."""
+        try:
+            document = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise SwLensError(f"{what} is not valid JSON: {err}") from None
+        (kind,) = cls.model_fields["kind"].annotation.__args__
+        return parse(document, what, {kind})
+
+    def to_json(self) -> str:
+        return (
+            json.dumps(self.model_dump(mode="json", exclude_unset=True), indent=2, allow_nan=False)
+            + "\n"
+        )
 
 
 class OnModel(Header):
@@ -129,7 +181,14 @@ class Scan(Strict):
 
 
 class Candidate(Weight):
+    checkpoint_param: str  # where the weight is in the loaded file's own layout
+    checkpoint_index: Annotated[list[Index], Field(min_length=2, max_length=2)]
+    iteration: Count | None  # None: a super weight the rule did not name
+    role: Literal["creates", "cancels"] | None
+    token: str
     output_activation: Spike
+    effect: Annotated[float, Field(gt=0)] | None
+    is_super: bool | None
 
 
 class Ablation(Strict):
@@ -183,11 +242,16 @@ class TokenLoss(Strict):
     label: str
     tokens: list[str]
     delta: list[float]
+    baseline_nll: list[float]
+    ablated_nll: list[float]
 
     @model_validator(mode="after")
     def _pairs(self):
         _check(len(self.tokens) >= 1, "no tokens")
-        _check(len(self.delta) == len(self.tokens), "delta and tokens differ in length")
+        for key in ("delta", "baseline_nll", "ablated_nll"):
+            _check(
+                len(getattr(self, key)) == len(self.tokens), f"{key} and tokens differ in length"
+            )
         return self
 
 
@@ -211,6 +275,7 @@ class Predictions(Strict):
 class MeasuredWeight(Coord):
     found_by: Annotated[list[str], Field(min_length=1)]
     contribution_rank: Count
+    saliency_rank: Count | None
     effect: Annotated[float, Field(gt=0)]
     confirmed_effect: Annotated[float, Field(gt=0)] | None
     is_super: bool
@@ -218,20 +283,63 @@ class MeasuredWeight(Coord):
 
 class SearchParameters(Strict):
     negligible: float
+    search_k: Count
+    recall_sample: Index
+
+
+class Missed(Coord):
+    found_by: list[str]
+
+
+class Recall(Strict):
+    found: Index
+    of: Index
 
 
 class Search(Strict):
     parameters: SearchParameters
     verdict: str
+    n_measured: Count
+    ranking: PerplexityResult
     stop_rank: Count
+    stop_reason: str
+    screen_overlap: Index
+    sample_max: float | None
+    ranking_noise: float | None
+    warnings: list[str]
+    missed_by_screens: list[Missed]
+    rule_recall: Recall
     measured: Annotated[list[MeasuredWeight], Field(min_length=1)]
+
+    def coords(self) -> list[Coord]:
+        return [*self.measured, *self.missed_by_screens]
+
+
+class KnownCheck(Strict):
+    message: str
+
+
+class Known(Strict):
+    """The comparison with the registry of published coordinates."""
+
+    entry: str | None
+    convention: str
+    checks: list[KnownCheck]
 
 
 class Locate(OnModel):
+    kind: Literal["locate"]
+    criterion: Criterion
     search: Search | None = None  # documents written before the search have none
     scan: Scan
+    iterations: Count
+    termination: str
+    notes: list[str]
+    ranking: PerplexityResult
     candidates: list[Candidate]
     super_weights: list[Candidate]
+    super_weight_source: str
+    known: Known | None
     perplexity: LocatePerplexity
     layer_activations: list[LayerActivations]
     weight_distributions: list[WeightDistribution]
@@ -240,7 +348,7 @@ class Locate(OnModel):
 
     def coords(self) -> list[Coord]:
         ablated = [w for a in self.perplexity.ablations for w in a.weights]
-        searched = self.search.measured if self.search else []
+        searched = self.search.coords() if self.search else []
         return [
             *self.candidates,
             *self.super_weights,
@@ -274,14 +382,19 @@ class Locate(OnModel):
 class ControlRow(Strict):
     label: str
     kind: Literal["super", "largest", "largest + super", "random", "scaled"]
+    n_weights: Index
     perplexity: Perplexity
+    ratio: Annotated[float, Field(gt=0)]
 
 
 class DrawSummary(Strict):
     draws: Index
     mean: float | None
+    std: float | None
     min: float | None
     max: float | None
+    largest_share: Share
+    largest_min_abs: float | None
 
     @model_validator(mode="after")
     def _stats(self):
@@ -297,10 +410,23 @@ class Controls(Measured):
     summary: DrawSummary
 
 
+class SuperActivation(Strict):
+    layer: Index
+    row: Index
+    value: float
+    threshold: float
+
+
+class RestoredResult(PerplexityResult):
+    n_restored: Index
+
+
 class Restore(Measured):
     kind: Literal["restore"]
+    fraction: float
+    super_activations: list[SuperActivation]
     zeroed: PerplexityResult
-    restored: PerplexityResult
+    restored: RestoredResult
     recovered: float
 
 
@@ -310,19 +436,49 @@ class TokenClass(Strict):
     ratio: float | None
 
 
+class CaseStudy(Strict):
+    prompt: str
+    before: list[Prediction]
+    after: list[Prediction]
+
+
 class Stopwords(Experiment):
     kind: Literal["stopwords"]
+    stopword_list: str
     classes: dict[str, TokenClass]
+    class_sizes: dict[str, Index]
     n_prompts: Index
     prompt_source: str
+    case_study: CaseStudy
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        _check(self.class_sizes.keys() == self.classes.keys(), "class_sizes and classes differ")
+        return self
+
+
+class Accuracy(Strict):
+    """Next-word accuracy as counted: the share alone hides how many prompts it rests on."""
+
+    correct: Index
+    n_prompts: Count
+    share: Share
+
+    @model_validator(mode="after")
+    def _counted(self):
+        _check(self.correct <= self.n_prompts, "more correct than prompts")
+        _check(abs(self.share - self.correct / self.n_prompts) < 1e-9, "share != correct / n")
+        return self
 
 
 class ScalePoint(PerplexityResult):
     scale: float
-    accuracy: Share | None = None
+    accuracy: Accuracy | None = None
 
 
 class Task(Strict):
+    description: str
+    source: str
     n_prompts: Count
 
 
@@ -334,15 +490,22 @@ class Scaling(Measured):
     @model_validator(mode="after")
     def _accuracy(self):
         if self.task is not None:
-            _check(all(p.accuracy is not None for p in self.scaling), "a point lacks accuracy")
+            _check(
+                all(
+                    p.accuracy and p.accuracy.n_prompts == self.task.n_prompts for p in self.scaling
+                ),
+                "a point lacks accuracy on the task's prompts",
+            )
         return self
 
 
-class QuantizedRow(Strict):
+class QuantizedRow(PerplexityResult):
     bits: Annotated[int, Field(ge=2, le=16)]
     block: Count | str | None
     method: str
-    perplexity: Perplexity
+    description: str
+    n_parameters: Count
+    ratio: Annotated[float, Field(gt=0)]
 
 
 class Quantize(Measured):
@@ -360,16 +523,25 @@ class Quantize(Measured):
         return self
 
 
+def _pair(value):
+    """A JSON pair, [a, b], as the tuple it was written from (strict mode takes lists
+    for tuples only from JSON text)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 class Decomposition(Strict):
     layer: Index
     row: Index
+    top: list[Annotated[tuple[Index, float], BeforeValidator(_pair)]]  # (col, product)
     verdict: str
+    explanation: str
     cumulative: Annotated[list[float], Field(min_length=1)]  # can pass 1: products cancel
 
 
 class Explain(OnModel):
     kind: Literal["explain"]
-    prompts: list[str] | None = None  # `prompt`, one string, before the options were one schema
+    prompts: list[str] | None = None
+    prompt: str | None = None  # one prompt, before the options were one schema
     decompositions: list[Decomposition]
 
 
@@ -381,12 +553,19 @@ class Firing(Strict):
 
 class WeightRobustness(Coord):
     n_rule: Index
+    n_top: Index
     n_texts: Index
+    median_contribution: float
+    max_contribution: float
+    max_activation: float
+    kinds: dict[str, Index]
     firings: list[Firing]
+    flags: list[str]
 
 
 class Robustness(OnModel):
     kind: Literal["robustness"]
+    criterion: Criterion
     n_texts: Index
     prepend_bos: bool
     weights: list[WeightRobustness]
@@ -397,26 +576,54 @@ class Robustness(OnModel):
 
 class TrackSpike(Strict):
     layer: Index
+    magnitude: float
+    post_channel: Index
+    mlp_out_channel: Index
+    token: str
+
+
+class TrackWeight(Weight):
+    role: str
+    checkpoint_param: str
+
+
+class TrackPerplexity(Strict):
+    baseline: PerplexityResult
+    ablated: PerplexityResult | None
 
 
 class TrackCheckpoint(Strict):
+    path: str
     iter_num: Index | None
     spike: TrackSpike
-    max_mlp_out: Annotated[list[float], Field(min_length=1)]
-    candidates: list[Weight]
+    max_post: list[float]
+    max_mlp_out: list[float]
+    candidates: list[TrackWeight]
+    perplexity: TrackPerplexity | None
 
 
-class Track(Header):
+class Track(OnModel):
+    """Checkpoints of one model in training: `model` is the first, every other the same
+    shape (`sw_lens.track` refuses a series that is not)."""
+
     kind: Literal["track"]
-    prompts: list[str] | None = None  # `prompt`, one string, before the options were one schema
+    criterion: Criterion
+    prompts: list[str] | None = None
+    prompt: str | None = None  # one prompt, before the options were one schema
     checkpoints: Annotated[list[TrackCheckpoint], Field(min_length=1)]
+
+    def coords(self) -> list[Coord]:
+        return [c for r in self.checkpoints for c in r.candidates]
 
     @model_validator(mode="after")
     def _layers(self):
-        n_layers = min(len(r.max_mlp_out) for r in self.checkpoints)
-        layers = {r.spike.layer for r in self.checkpoints}
-        layers |= {c.layer for r in self.checkpoints for c in r.candidates}
-        _check(max(layers) < n_layers, f"a layer index >= the {n_layers} layers tracked")
+        n_layers = self.model.n_layers
+        for r in self.checkpoints:
+            _check(
+                len(r.max_post) == len(r.max_mlp_out) == n_layers,
+                f"a checkpoint without {n_layers} layers",
+            )
+            _check(r.spike.layer < n_layers, f"a spike in layer {r.spike.layer} of {n_layers}")
         return self
 
 
@@ -617,10 +824,10 @@ def _where(loc: tuple) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
-def validate(document, schema: type[BaseModel], what: str) -> None:
-    """Check `document` against `schema`; the first problem is a one-line error."""
+def validate(document, schema: type[BaseModel], what: str) -> BaseModel:
+    """`document` as `schema`, or its first problem as a one-line error."""
     try:
-        schema.model_validate(document)
+        return schema.model_validate(document)
     except ValidationError as err:
         first = err.errors()[0]
         where = _where(first["loc"])
@@ -628,3 +835,43 @@ def validate(document, schema: type[BaseModel], what: str) -> None:
             raise SwLensError(f"{what} lacks the field '{where}'") from None
         reason = first["msg"].removeprefix("Value error, ")
         raise SwLensError(f"{what}: {where + ': ' if where else ''}{reason}") from None
+
+
+def _from_schema_1(document: dict, what: str) -> dict:
+    """A schema-1 document as schema 2: next-word accuracy, a bare share then, becomes
+    counts (share x prompts was a whole number); a track then named no model."""
+    if document.get("kind") == "track":
+        raise SwLensError(
+            f"{what} has schema_version 1, whose tracks name no model: regenerate it with "
+            f"this version"
+        )
+    upgraded = document | {"schema_version": SCHEMA_VERSION}
+    task, points = document.get("task"), document.get("scaling")
+    n = task.get("n_prompts") if isinstance(task, dict) else None
+    if isinstance(n, int) and n > 0 and isinstance(points, list):
+        upgraded["scaling"] = [_counted(p, n) for p in points]
+    return upgraded
+
+
+def _counted(point, n: int):
+    if isinstance(point, dict) and isinstance(point.get("accuracy"), float):
+        correct = round(point["accuracy"] * n)
+        return point | {"accuracy": {"correct": correct, "n_prompts": n, "share": correct / n}}
+    return point
+
+
+def parse(document, what: str, kinds: set[str]) -> Header:
+    """A results document of one of `kinds`, of this schema version or upgraded from
+    schema 1, as its type; anything else is a one-line error naming `what`."""
+    found = document.get("schema_version") if isinstance(document, dict) else None
+    if found == 1:
+        document = _from_schema_1(document, what)
+    elif found != SCHEMA_VERSION:
+        raise SwLensError(
+            f"{what} has schema_version {found!r}; this sw_lens reads {SCHEMA_VERSION} (and "
+            f"upgrades 1): regenerate it with this version"
+        )
+    if document.get("kind") not in kinds:
+        wanted = " or ".join(repr(k) for k in sorted(kinds))
+        raise SwLensError(f"{what} holds {document.get('kind')!r}, not {wanted}")
+    return validate(document, KINDS[document["kind"]].schema, what)

@@ -8,7 +8,7 @@ from pathlib import Path
 from sw_lens.errors import SwLensError
 from sw_lens.locate import LocateResult, locate, rank_by_effect
 from sw_lens.patching import check_coords, weight_value
-from sw_lens.results import SCHEMA_VERSION, provenance, read_json
+from sw_lens.results import header, read_json
 from sw_lens.search import SearchResult, search
 from sw_lens.setup import LocateConfig, Setup, load
 from sw_lens.vocabulary import WeightCoord
@@ -81,12 +81,12 @@ def super_weights(
         return list(config.weights), "given (--weight)"
     if results:
         document = read_json(Path(results), kind="locate")
-        if document["model"]["name"] != setup.loaded.name:
+        if document.model.name != setup.loaded.name:
             raise SwLensError(
-                f"results file '{results}' is for model {document['model']['name']!r}, "
+                f"results file '{results}' is for model {document.model.name!r}, "
                 f"not {setup.loaded.name!r}"
             )
-        coords = [WeightCoord(c["layer"], c["row"], c["col"]) for c in document["super_weights"]]
+        coords = [WeightCoord(c.layer, c.row, c.col) for c in document.super_weights]
         check_coords(setup.model, coords)
         source = f"super weights of {results}"
     else:
@@ -112,10 +112,7 @@ class Experiment:
     def document(self, kind: str) -> dict:
         """What every experiment's results document starts with."""
         setup, model = self.setup, self.setup.model
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "kind": kind,
-            "model": setup.loaded.description(),
+        return header(kind, setup.loaded, self.config.seed) | {
             "super_weights": [
                 asdict(c) | {"value": weight_value(model, c), "w_out_index": list(c.w_out_index)}
                 for c in self.coords
@@ -123,7 +120,6 @@ class Experiment:
             "super_weight_source": self.source,
             "corpus": setup.corpus.name,
             "config": asdict(self.config),
-            "provenance": provenance(setup.loaded.device, setup.loaded.dtype, self.config.seed),
         }
 
 

@@ -23,7 +23,7 @@ The literal rule has three traps on real models, each handled here and reported:
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from statistics import median
 
 import pydantic
@@ -49,6 +49,9 @@ class Criterion:
     min_ppl_ratio: Finite = option(
         1.1, "perplexity ratio (zeroed alone / baseline) to call a weight super"
     )
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"description": self.describe()}
 
     def describe(self) -> str:
         return (

@@ -10,6 +10,7 @@ the caller.
 import logging
 from dataclasses import asdict, astuple
 
+from sw_lens.documents import Locate
 from sw_lens.experiment import Found, find
 from sw_lens.locate import Candidate, LocateResult
 from sw_lens.models import LoadedModel
@@ -26,7 +27,7 @@ from sw_lens.registry import (
     load_registry,
     lookup,
 )
-from sw_lens.results import SCHEMA_VERSION, provenance
+from sw_lens.results import header, typed
 from sw_lens.scan import ScanResult, layer_activations, weight_spikes
 from sw_lens.search import SearchResult
 from sw_lens.setup import LocateConfig, load, prompt_tokens
@@ -255,7 +256,7 @@ def known_dict(config: LocateConfig, known: KnownModel | None, model, found: Loc
     }
 
 
-def run_locate(config: LocateConfig) -> dict:
+def run_locate(config: LocateConfig) -> Locate:
     """Run the locate job and return its results document."""
     setup = load(config)
     loaded, model, tokens, corpus = setup.loaded, setup.model, setup.tokens, setup.corpus
@@ -278,39 +279,38 @@ def run_locate(config: LocateConfig) -> dict:
     for w in shown:
         per_layer.setdefault(w["layer"], w)
 
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "locate",
-        "model": loaded.description(),
-        "config": asdict(config),
-        "scan": scan_dict(rule.scans[0], config.prompts),
-        "criterion": asdict(config.criterion) | {"description": config.criterion.describe()},
-        "iterations": len(rule.scans),
-        "termination": rule.termination,
-        "notes": rule.notes,
-        "candidates": candidates,
-        "super_weights": supers,
-        "super_weight_source": found.describe(config),
-        "search": found.search and search_dict(found.search, rule),
-        "ranking": rule.ranking.to_dict(),
-        "perplexity": {
-            "baseline": baseline.to_dict(),
-            "ablations": [_ablation_entry(*m, baseline) for m in measured],
-        },
-        "token_loss": top and token_loss(loaded, tokens, baseline, top, config),
-        "predictions": top and predictions(model, prediction_ids, top, config),
-        "layer_activations": [  # on the text where that weight's input spikes
-            asdict(
-                layer_activations(
-                    model, texts[w["input_activation"]["text"]], layer, config.top_channels
+    return typed(
+        header("locate", loaded, config.seed)
+        | {
+            "config": asdict(config),
+            "scan": scan_dict(rule.scans[0], config.prompts),
+            "criterion": config.criterion.to_dict(),
+            "iterations": len(rule.scans),
+            "termination": rule.termination,
+            "notes": rule.notes,
+            "candidates": candidates,
+            "super_weights": supers,
+            "super_weight_source": found.describe(config),
+            "search": found.search and search_dict(found.search, rule),
+            "ranking": rule.ranking.to_dict(),
+            "perplexity": {
+                "baseline": baseline.to_dict(),
+                "ablations": [_ablation_entry(*m, baseline) for m in measured],
+            },
+            "token_loss": top and token_loss(loaded, tokens, baseline, top, config),
+            "predictions": top and predictions(model, prediction_ids, top, config),
+            "layer_activations": [  # on the text where that weight's input spikes
+                asdict(
+                    layer_activations(
+                        model, texts[w["input_activation"]["text"]], layer, config.top_channels
+                    )
                 )
-            )
-            for layer, w in sorted(per_layer.items())
-        ],
-        "weight_distributions": [
-            asdict(weight_distribution(model, WeightCoord(w["layer"], w["row"], w["col"])))
-            for w in shown
-        ],
-        "known": config.check_known and known_dict(config, known, model, rule),
-        "provenance": provenance(loaded.device, loaded.dtype, config.seed),
-    }
+                for layer, w in sorted(per_layer.items())
+            ],
+            "weight_distributions": [
+                asdict(weight_distribution(model, WeightCoord(w["layer"], w["row"], w["col"])))
+                for w in shown
+            ],
+            "known": config.check_known and known_dict(config, known, model, rule),
+        }
+    )

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 import circuitsvis
+from pydantic import BaseModel
 
 _BUNDLE = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
 # In JSON, "\u003c" is "<": the parser sees the same string, the HTML tokenizer sees no
@@ -37,10 +38,17 @@ def text(value) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _plain(value):
+    """A results document's part (`sw_lens.documents`) as the JSON it was read from."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
 def script_json(data) -> str:
     """JSON that is inert inside any ``<script>`` element: no ``<`` (so no ``</script>``
     or ``<!--``) and no ``&`` reaches the HTML tokenizer."""
-    encoded = json.dumps(data, allow_nan=False)
+    encoded = json.dumps(data, allow_nan=False, default=_plain)
     return "".join(_SCRIPT_ESCAPES.get(ch, ch) for ch in encoded)
 
 

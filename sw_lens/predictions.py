@@ -6,6 +6,7 @@ for any model.
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Int
@@ -17,6 +18,15 @@ from sw_lens.patching import column_edits
 from sw_lens.vocabulary import WeightCoord
 
 CASE_STUDY_PROMPT = "Summer is hot. Winter is"
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Next-word accuracy with what it rests on (`documents.Accuracy`)."""
+
+    correct: int
+    n_prompts: int
+    share: float
 
 
 def top_predictions(
@@ -39,14 +49,14 @@ def next_word_accuracy(
     targets: Sequence[int],
     ablation: Sequence[WeightCoord] = (),
     scale: float = 0.0,
-) -> float:
-    """Share of `contexts` whose most likely next token is its target (e.g. the first
-    token of a held-out last word, as LAMBADA scores), with each weight in `ablation`
-    multiplied by `scale` (`fast.forward_pass` picks the fast twin)."""
+) -> Accuracy:
+    """How many of `contexts` have their target as the most likely next token (e.g. the
+    first token of a held-out last word, as LAMBADA scores), with each weight in
+    `ablation` multiplied by `scale` (`fast.forward_pass` picks the fast twin)."""
     hits = 0
     edits = column_edits(model, ablation, scale)
     with torch.inference_mode(), forward_pass(model, edits) as (logits_of, _):
         for ids, target in zip(contexts, targets, strict=True):
             logits = logits_of(ids[None].to(model.cfg.device))[0, -1]
             hits += int(logits.argmax()) == target
-    return hits / len(contexts)
+    return Accuracy(hits, len(contexts), hits / len(contexts))

@@ -1,8 +1,9 @@
 """Results as versioned JSON documents, with provenance, written atomically.
 
-Every document carries `SCHEMA_VERSION`, the package versions and git commit that
-produced it, and is written to a temporary file in the target directory and renamed, so
-an interrupted run leaves the previous file or none, never half of one. A run's files
+Every document is typed (`sw_lens.documents`: a study's dict becomes its type, `typed`),
+carries its schema version and the package versions and git commit that produced it, and
+is written to a temporary file in the target directory and renamed, so an interrupted
+run leaves the previous file or none, never half of one. A run's files
 (its document and every figure) are written together: into a staging folder first, and
 moved into place only once all of them exist (`staged_folder`).
 """
@@ -23,10 +24,9 @@ from pathlib import Path
 
 import torch
 
-from sw_lens.documents import KINDS, validate
+from sw_lens.documents import SCHEMA_VERSION, Header, parse
 from sw_lens.errors import SwLensError
 
-SCHEMA_VERSION = 1
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _VERSIONED = ["sw_lens", "torch", "transformers", "transformer-lens", "tokenizers", "gguf"]
@@ -74,6 +74,17 @@ def provenance(device: torch.device, dtype: torch.dtype, seed: int) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "seed": seed,
+    }
+
+
+def header(kind: str, loaded, seed: int) -> dict:
+    """What every results document starts with (`documents.Header`): the schema version,
+    the kind, the model as `LoadedModel.description` says it, and provenance."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "model": loaded.description(),
+        "provenance": provenance(loaded.device, loaded.dtype, seed),
     }
 
 
@@ -157,14 +168,30 @@ def staged_folder(out: Path) -> Iterator[Path]:
             out.rmdir()
 
 
-def write_json(path: Path, document: dict) -> Path:
-    text = json.dumps(to_jsonable(document), indent=2, allow_nan=False) + "\n"
+def _json(document: dict) -> str:
+    try:
+        return json.dumps(to_jsonable(document), indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise SwLensError("the results hold NaN or inf: nothing was written") from None
+
+
+def typed(document: dict) -> Header:
+    """A study's new document as its type (`sw_lens.documents`), checked exactly as a read
+    checks it: what we write is what we accept."""
+    return parse(
+        json.loads(_json(document)), f"the new {document['kind']} document", {document["kind"]}
+    )
+
+
+def write_json(path: Path, document: Header | dict) -> Path:
+    """A typed results document, or a plain one (a sweep's plan and status records)."""
+    text = document.to_json() if isinstance(document, Header) else _json(document)
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def read_json(path: Path, kind: str | set[str]) -> dict:
-    """A results document of this schema version and `kind` (or one of several kinds),
-    checked against its schema (`sw_lens.documents`), or a one-line error."""
+def read_json(path: Path, kind: str | set[str]) -> Header:
+    """A results document of `kind` (or one of several kinds) as its type, checked against
+    its schema (`sw_lens.documents`), or a one-line error."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -173,18 +200,8 @@ def read_json(path: Path, kind: str | set[str]) -> dict:
         raise SwLensError(f"results file '{path}' is not valid JSON: {err}") from None
     except (IsADirectoryError, PermissionError) as err:
         raise SwLensError(f"cannot read results file '{path}': {err.strerror}") from None
-    found = document.get("schema_version") if isinstance(document, dict) else None
-    if found != SCHEMA_VERSION:
-        raise SwLensError(
-            f"results file '{path}' has schema_version {found!r}; this sw_lens reads "
-            f"{SCHEMA_VERSION}: regenerate it with this version"
-        )
     kinds = {kind} if isinstance(kind, str) else kind
-    if document.get("kind") not in kinds:
-        wanted = " or ".join(repr(k) for k in sorted(kinds))
-        raise SwLensError(f"results file '{path}' holds {document.get('kind')!r}, not {wanted}")
-    validate(document, KINDS[document["kind"]].schema, f"results file '{path}'")
-    return document
+    return parse(document, f"results file '{path}'", kinds)
 
 
 def read_toml(path: Path, what: str) -> dict:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import BeforeValidator
 
+from sw_lens import documents
 from sw_lens.circuit import circuit, circuit_dict
 from sw_lens.controls import run_controls
 from sw_lens.corpora import load_corpus, sentences, tokenize
@@ -35,7 +36,7 @@ from sw_lens.predictions import CASE_STUDY_PROMPT, next_word_accuracy, top_predi
 from sw_lens.progress import bar
 from sw_lens.quantize import CLIPS, METHODS, Scheme, quantized
 from sw_lens.restore import restore
-from sw_lens.results import SCHEMA_VERSION, provenance
+from sw_lens.results import header, typed
 from sw_lens.robustness import robustness
 from sw_lens.setup import (
     LOADING,
@@ -66,7 +67,7 @@ class ControlsOptions:
     scales: FiniteList = option([0.5, 2.0], "factors of (e), comma-separated")
 
 
-def controls_study(experiment: Experiment, options: ControlsOptions) -> dict:
+def controls_study(experiment: Experiment, options: ControlsOptions) -> documents.Controls:
     setup = experiment.setup
     baseline, rows, draws = run_controls(
         setup.model,
@@ -80,11 +81,10 @@ def controls_study(experiment: Experiment, options: ControlsOptions) -> dict:
         pool=options.pool,
         seed=experiment.config.seed,
     )
-    return experiment.document("controls") | {
-        "baseline": baseline.to_dict(),
-        "controls": [asdict(r) for r in rows],
-        "summary": draws,
-    }
+    return typed(
+        experiment.document("controls")
+        | {"baseline": baseline.to_dict(), "controls": [asdict(r) for r in rows], "summary": draws}
+    )
 
 
 # --- restore --------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ class RestoreOptions:
     )
 
 
-def restore_study(experiment: Experiment, options: RestoreOptions) -> dict:
+def restore_study(experiment: Experiment, options: RestoreOptions) -> documents.Restore:
     setup = experiment.setup
     result = restore(
         setup.model,
@@ -108,17 +108,25 @@ def restore_study(experiment: Experiment, options: RestoreOptions) -> dict:
         setup.texts,
         options.fraction,
     )
-    return experiment.document("restore") | {
-        "fraction": options.fraction,
-        "super_activations": [
-            {"layer": layer, "row": row, "value": value, "threshold": result.thresholds[layer, row]}
-            for (layer, row), value in result.super_activations.items()
-        ],
-        "baseline": result.baseline.to_dict(),
-        "zeroed": result.ablated.to_dict(),
-        "restored": result.restored.to_dict(),
-        "recovered": result.recovered,
-    }
+    return typed(
+        experiment.document("restore")
+        | {
+            "fraction": options.fraction,
+            "super_activations": [
+                {
+                    "layer": layer,
+                    "row": row,
+                    "value": value,
+                    "threshold": result.thresholds[layer, row],
+                }
+                for (layer, row), value in result.super_activations.items()
+            ],
+            "baseline": result.baseline.to_dict(),
+            "zeroed": result.ablated.to_dict(),
+            "restored": result.restored.to_dict(),
+            "recovered": result.recovered,
+        }
+    )
 
 
 # --- scaling --------------------------------------------------------------------------------
@@ -134,7 +142,7 @@ class ScalingOptions:
     )
 
 
-def scaling_study(experiment: Experiment, options: ScalingOptions) -> dict:
+def scaling_study(experiment: Experiment, options: ScalingOptions) -> documents.Scaling:
     """Perplexity at every factor in one sweep, and next-word accuracy on corpus sentences
     with the last word held out (top-1 next token = the word's first token, as LAMBADA
     scores)."""
@@ -160,8 +168,8 @@ def scaling_study(experiment: Experiment, options: ScalingOptions) -> dict:
         contexts = prompt_tokens(setup.loaded, [c for c, _ in pairs], setup.prompt_bos)
         targets = [int(tokenize(setup.loaded.tokenizer, " " + word)[0]) for _, word in pairs]
         for point in points:
-            point["accuracy"] = next_word_accuracy(
-                setup.model, contexts, targets, coords, point["scale"]
+            point["accuracy"] = asdict(
+                next_word_accuracy(setup.model, contexts, targets, coords, point["scale"])
             )
         task = {
             "description": "next-word accuracy: the top-1 next token is the first token of "
@@ -169,11 +177,10 @@ def scaling_study(experiment: Experiment, options: ScalingOptions) -> dict:
             "source": f"{setup.corpus.name} sentences",
             "n_prompts": len(pairs),
         }
-    return experiment.document("scaling") | {
-        "baseline": baseline.to_dict(),
-        "scaling": points,
-        "task": task,
-    }
+    return typed(
+        experiment.document("scaling")
+        | {"baseline": baseline.to_dict(), "scaling": points, "task": task}
+    )
 
 
 # --- stopwords ------------------------------------------------------------------------------
@@ -190,7 +197,7 @@ class StopwordsOptions:
     case_study: Text = option(CASE_STUDY_PROMPT, "prompt for the top-5 table")
 
 
-def stopwords_study(experiment: Experiment, options: StopwordsOptions) -> dict:
+def stopwords_study(experiment: Experiment, options: StopwordsOptions) -> documents.Stopwords:
     setup, coords = experiment.setup, experiment.coords
     if options.prompts == "lambada":
         pairs, prompt_source = lambada(options.n_prompts), "LAMBADA (OpenAI) test"
@@ -201,20 +208,25 @@ def stopwords_study(experiment: Experiment, options: StopwordsOptions) -> dict:
     classes = token_classes(setup.loaded.tokenizer, setup.model.cfg.d_vocab)
     mass = class_mass(setup.model, contexts, classes, coords)
     case = prompt_tokens(setup.loaded, [options.case_study], setup.prompt_bos)[0]
-    return experiment.document("stopwords") | {
-        "stopword_list": STOPWORD_SOURCE,
-        "prompt_source": prompt_source,
-        "n_prompts": len(pairs),
-        "classes": mass.summary(),
-        "class_sizes": {name: int((classes == i).sum()) for i, name in enumerate(mass.summary())},
-        "case_study": {
-            "prompt": options.case_study,
-            "before": top_predictions(setup.model, case),
-            "after": top_predictions(
-                setup.model, case, fwd_hooks=ablation_hooks(setup.model, coords)
-            ),
-        },
-    }
+    return typed(
+        experiment.document("stopwords")
+        | {
+            "stopword_list": STOPWORD_SOURCE,
+            "prompt_source": prompt_source,
+            "n_prompts": len(pairs),
+            "classes": mass.summary(),
+            "class_sizes": {
+                name: int((classes == i).sum()) for i, name in enumerate(mass.summary())
+            },
+            "case_study": {
+                "prompt": options.case_study,
+                "before": top_predictions(setup.model, case),
+                "after": top_predictions(
+                    setup.model, case, fwd_hooks=ablation_hooks(setup.model, coords)
+                ),
+            },
+        }
+    )
 
 
 # --- quantize -------------------------------------------------------------------------------
@@ -250,7 +262,7 @@ class QuantizeOptions:
         ]
 
 
-def quantize_study(experiment: Experiment, options: QuantizeOptions) -> dict:
+def quantize_study(experiment: Experiment, options: QuantizeOptions) -> documents.Quantize:
     """Every scheme of the grid, each written in place and restored bit-for-bit."""
     schemes = options.schemes()  # a bad grid is refused before the baseline's minutes
     setup = experiment.setup
@@ -271,12 +283,15 @@ def quantize_study(experiment: Experiment, options: QuantizeOptions) -> dict:
                 "ratio": result.perplexity / baseline.perplexity,
             }
         )
-    return experiment.document("quantize") | {
-        "clip": {"method": options.clip, "value": options.clip_value},
-        "all_linear": options.all_linear,
-        "baseline": baseline.to_dict(),
-        "quantized": rows,
-    }
+    return typed(
+        experiment.document("quantize")
+        | {
+            "clip": {"method": options.clip, "value": options.clip_value},
+            "all_linear": options.all_linear,
+            "baseline": baseline.to_dict(),
+            "quantized": rows,
+        }
+    )
 
 
 # --- explain and robustness: the rule on single texts, no corpus ------------------------------
@@ -284,7 +299,7 @@ def quantize_study(experiment: Experiment, options: QuantizeOptions) -> dict:
 EXPLAIN = ("model", "prompt", *LOADING, *RULE)  # the options that explain takes
 
 
-def explain_study(config: LocateConfig) -> dict:
+def explain_study(config: LocateConfig) -> documents.Explain:
     """Each spike the rule finds on the prompts, decomposed into its per-weight products."""
     loaded = load_configured_model(config)
     texts = prompt_tokens(loaded, config.prompts, loaded.adds_bos)
@@ -293,14 +308,13 @@ def explain_study(config: LocateConfig) -> dict:
         decompose(loaded.bridge, texts[c.mlp_out.text], c.coord.layer, c.coord.row, c.mlp_out.pos)
         for c in found.candidates
     ]
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "explain",
-        "model": loaded.description(),
-        "prompts": config.prompts,
-        "decompositions": [asdict(d) for d in decompositions],
-        "provenance": provenance(loaded.device, loaded.dtype, config.seed),
-    }
+    return typed(
+        header("explain", loaded, config.seed)
+        | {
+            "prompts": config.prompts,
+            "decompositions": [asdict(d) for d in decompositions],
+        }
+    )
 
 
 @pydantic.dataclasses.dataclass
@@ -311,24 +325,23 @@ class RobustnessOptions:
 ROBUSTNESS = ("model", "text", "prompt", "prompt_bos", "weight", *LOADING, *RULE)
 
 
-def robustness_study(config: LocateConfig, options: RobustnessOptions) -> dict:
+def robustness_study(config: LocateConfig, options: RobustnessOptions) -> documents.Robustness:
     """The rule on each text alone (the prompts, then sentences of the corpus)."""
     loaded = load_configured_model(config)
     prepend_bos = resolve_bos(config.prompt_bos, loaded)
     texts = config.prompts + sentences(load_corpus(config.text).text, options.n_texts)
     ids = prompt_tokens(loaded, texts, prepend_bos)
     report = robustness(loaded.bridge, ids, prepend_bos, config.criterion, config.weights)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "robustness",
-        "model": loaded.description(),
-        "texts": texts,
-        "n_texts": len(texts),
-        "prepend_bos": prepend_bos,
-        "criterion": asdict(config.criterion) | {"description": config.criterion.describe()},
-        "weights": [asdict(r) for r in report],
-        "provenance": provenance(loaded.device, loaded.dtype, config.seed),
-    }
+    return typed(
+        header("robustness", loaded, config.seed)
+        | {
+            "texts": texts,
+            "n_texts": len(texts),
+            "prepend_bos": prepend_bos,
+            "criterion": config.criterion.to_dict(),
+            "weights": [asdict(r) for r in report],
+        }
+    )
 
 
 # --- circuit --------------------------------------------------------------------------------
@@ -349,7 +362,7 @@ class CircuitOptions:
     top_k: PositiveInt = option(10, "k of the attribution-vs-exact top-k overlap")
 
 
-def circuit_study(experiment: Experiment, options: CircuitOptions) -> dict:
+def circuit_study(experiment: Experiment, options: CircuitOptions) -> documents.Circuit:
     """`sw_lens.circuit` on the prompts and the first ``circuit_tokens`` of the corpus,
     cut as the perplexity protocol cuts it."""
     setup = experiment.setup
@@ -366,60 +379,12 @@ def circuit_study(experiment: Experiment, options: CircuitOptions) -> dict:
         exact_top=options.exact_top,
         top_k=options.top_k,
     )
-    return experiment.document("circuit") | {
-        "options": asdict(options),
-        "prompts": experiment.config.prompts,
-        "corpus": setup.corpus.name,
-        **circuit_dict(result),
-    }
-
-
-def circuit_summary(document: dict, shown: int = 5) -> str:
-    """What the circuit document says, in a few lines."""
-    exact, attribution = document["patching"]["exact"], document["patching"]["attribution"]
-    increase = exact["zeroed_nll"] - exact["clean_nll"]
-    lines = [
-        f"loss on {exact['n_tokens']} corpus tokens ({exact['protocol_description']}): "
-        f"{exact['clean_nll']:.4f} nats clean, {exact['zeroed_nll']:.4f} zeroed "
-        f"({increase:+.4f})"
-    ]
-    for where in ("prompt", "corpus"):
-        sinks = document["sinks"][where]
-        pairs = [
-            (c - z, layer, head, c, z)
-            for layer, (cs, zs) in enumerate(zip(sinks["clean"], sinks["zeroed"], strict=True))
-            for head, (c, z) in enumerate(zip(cs, zs, strict=True))
-        ]
-        top = sorted(pairs, key=lambda p: -abs(p[0]))[:shown]
-        heads = ", ".join(f"L{layer} H{head} {c:.2f}->{z:.2f}" for _, layer, head, c, z in top)
-        lines.append(f"attention on the sink token ({where}, clean->zeroed): {heads}")
-    rows = [r for r in document["patching"]["components"] if r["recovered"] is not None]
-    rows.sort(key=lambda r: -r["recovered"])
-    lines.append("components that recover the most when restored (exact; reproduced when")
-    lines.append("  patched into the clean run; attribution's estimate):")
-    lines += [
-        f"  {r['label']:<10} recovers {r['recovered']:+7.1%}  reproduces {r['reproduced']:+7.1%}"
-        f"  estimated {r['estimated']:+7.1%}"
-        for r in rows[:shown]
-    ]
-    a = document["agreement"]
-    spearman = "n/a" if a["spearman"] is None else f"{a['spearman']:.3f}"
-    lines.append(
-        f"attribution vs exact over {a['n_components']} components: Spearman {spearman}, "
-        f"top-{a['k']} overlap {a['top_k_overlap']}/{a['k']}, exact's top component is "
-        f"attribution's #{a['attribution_rank_of_exact_top']}"
+    return typed(
+        experiment.document("circuit")
+        | {
+            "options": asdict(options),
+            "prompts": experiment.config.prompts,
+            "corpus": setup.corpus.name,
+            **circuit_dict(result),
+        }
     )
-    story = document["residual"]
-    present = story["present_layers"]
-    lines.append(
-        f"residual stream at {story['token']!r} (position {story['position']}), channel "
-        f"{story['row']}: peak {story['channel_clean'][story['peak_layer']]:.4g} after layer "
-        f"{story['peak_layer']}; >= half the peak after layers "
-        f"{present[0]}-{present[-1]}; cancelled by layers {story['cancelling_layers'] or 'none'}; "
-        f"logit lens at the last layer {story['lens_clean'][-1]!r} -> {story['lens_zeroed'][-1]!r}"
-    )
-    lines.append(
-        f"cost in single-pass equivalents: attribution {attribution['passes']:.2f}, "
-        f"exact patching {exact['passes']:.1f}"
-    )
-    return "\n".join(lines)

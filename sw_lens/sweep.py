@@ -281,7 +281,7 @@ def load_sweep(path: Path | str, out: Path | str | None = None) -> Sweep:
     return Sweep(path.resolve(), folder.resolve(), runs, slurm)
 
 
-def read_status(sweep: Sweep, run: Run) -> dict | None:
+def read_status(sweep: Sweep, run: Run) -> RunStatus | None:
     """A run's status record, None when it has none yet; a record that is not one (edited,
     truncated) is a one-line error naming the file."""
     path = run.folder(sweep.out) / STATUS
@@ -291,13 +291,12 @@ def read_status(sweep: Sweep, run: Run) -> dict | None:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise SwLensError(f"run record '{path}' is unreadable: {err}") from None
-    validate(record, RunStatus, f"run record '{path}'")
-    return record
+    return validate(record, RunStatus, f"run record '{path}'")
 
 
 def finished(sweep: Sweep, run: Run) -> bool:
     status = read_status(sweep, run)
-    return bool(status) and status["status"] == "ok"
+    return bool(status) and status.status == "ok"
 
 
 def _error_line(stderr: str) -> str:
@@ -456,7 +455,7 @@ COLUMNS = [
 ]
 
 
-def collect(out: Path) -> tuple[list[dict], dict]:
+def collect(out: Path) -> tuple[list[dict], SweepPlan]:
     """One row per super weight of every finished run (one row for a run with none), and
     one row per failed, missing or unreadable run; with the sweep's plan."""
     plan_path = Path(out) / "sweep.json"
@@ -466,10 +465,11 @@ def collect(out: Path) -> tuple[list[dict], dict]:
         raise SwLensError(f"'{out}' is not a sweep folder: no sweep.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise SwLensError(f"sweep plan '{plan_path}' is unreadable: {err}") from None
-    validate(plan, SweepPlan, f"sweep plan '{plan_path}'")
+    plan = validate(plan, SweepPlan, f"sweep plan '{plan_path}'")
     # The plan's own folder is where its runs are: the report reads `out`, wherever the
     # plan says it was written.
-    sweep = Sweep(Path(plan["sweep_file"]), Path(out), [Run(**r) for r in plan["runs"]])
+    runs = [Run(**r.model_dump()) for r in plan.runs]
+    sweep = Sweep(Path(plan.sweep_file), Path(out), runs)
     rows = []
     for run in sweep.runs:
         base = {"run": run.name, "model": run.options["model"]}
@@ -477,9 +477,9 @@ def collect(out: Path) -> tuple[list[dict], dict]:
             status = read_status(sweep, run)
             if status is None:
                 rows.append(base | {"status": "missing"})
-            elif status["status"] != "ok":
-                failed = next(s for s in status["steps"] if s["returncode"])
-                error = f"{failed['experiment']}: {failed.get('error') or ''}"
+            elif status.status != "ok":
+                failed = next(s for s in status.steps if s.returncode)
+                error = f"{failed.experiment}: {failed.error or ''}"
                 rows.append(base | {"status": "failed", "error": error})
             else:
                 rows += _locate_rows(run.folder(sweep.out) / "results.json", base)
@@ -492,32 +492,29 @@ def _locate_rows(path: Path, base: dict) -> list[dict]:
     if not path.is_file():
         return [base | {"status": "ok"}]
     doc = read_json(path, kind="locate")
-    ppl = doc["perplexity"]
-    baseline = ppl["baseline"]
-    ablated = {
-        tuple((w["layer"], w["row"], w["col"]) for w in a["weights"]): a for a in ppl["ablations"]
-    }
+    baseline = doc.perplexity.baseline
+    ablated = {tuple(w.key() for w in a.weights): a for a in doc.perplexity.ablations}
     common = base | {
         "status": "ok",
-        "baseline_ppl": baseline["perplexity"],
-        "n_layers": doc["model"]["n_layers"],
-        "protocol": baseline["protocol_description"],
+        "baseline_ppl": baseline.perplexity,
+        "n_layers": doc.model.n_layers,
+        "protocol": baseline.protocol_description,
     }
-    if not doc["super_weights"]:
+    if not doc.super_weights:
         return [common | {"error": "no super weight found"}]
     rows = []
-    for c in doc["super_weights"]:
-        alone = ablated.get(((c["layer"], c["row"], c["col"]),), {})
+    for c in doc.super_weights:
+        alone = ablated.get((c.key(),))
         rows.append(
             common
             | {
-                "layer": c["layer"],
-                "row": c["row"],
-                "col": c["col"],
-                "value": c["value"],
-                "super_activation": c["output_activation"]["value"],
-                "ablated_ppl": alone.get("perplexity"),
-                "ratio": alone.get("ratio"),
+                "layer": c.layer,
+                "row": c.row,
+                "col": c.col,
+                "value": c.value,
+                "super_activation": c.output_activation.value,
+                "ablated_ppl": alone and alone.perplexity,
+                "ratio": alone and alone.ratio,
             }
         )
     return rows

@@ -10,11 +10,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sw_lens.corpora import load_corpus, tokenize
+from sw_lens.documents import SCHEMA_VERSION, Track
 from sw_lens.errors import SwLensError
 from sw_lens.locate import locate
 from sw_lens.models import load_model, resolve_device, resolve_dtype
 from sw_lens.perplexity import Protocol, check_window, evaluate
-from sw_lens.results import SCHEMA_VERSION, provenance
+from sw_lens.results import provenance, typed
 from sw_lens.setup import LocateConfig, prompt_tokens
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ def checkpoint_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def track_checkpoint(path: Path, config: LocateConfig, ppl: bool) -> dict:
+def track_checkpoint(path: Path, config: LocateConfig, ppl: bool) -> tuple[dict, dict]:
+    """The checkpoint's model as results describe it, and its record."""
     loaded = load_model(str(path), config.device, config.dtype, tokenizer_name=config.tokenizer)
     model = loaded.bridge
     texts = prompt_tokens(loaded, config.prompts, loaded.adds_bos)
@@ -95,26 +97,40 @@ def track_checkpoint(path: Path, config: LocateConfig, ppl: bool) -> dict:
             "baseline": baseline.to_dict(),
             "ablated": ablated and ablated.to_dict(),
         }
-    return record
+    return loaded.description(), record
 
 
-def track(paths: list[Path], config: LocateConfig, ppl: bool = False) -> dict:
-    """The track document: one record per checkpoint, in training order."""
-    records = []
+SHAPE = ("n_layers", "d_model", "d_mlp")
+
+
+def track(paths: list[Path], config: LocateConfig, ppl: bool = False) -> Track:
+    """The track document: one record per checkpoint, in training order, of checkpoints
+    of one shape (the model it names is the first)."""
+    models, records = [], []
     for path in paths:
         log.info("checkpoint %s", path)
-        records.append(track_checkpoint(path, config, ppl))
+        model, record = track_checkpoint(path, config, ppl)
+        if models and [model[k] for k in SHAPE] != [models[0][k] for k in SHAPE]:
+            raise SwLensError(
+                f"checkpoint '{path}' is not the shape of '{paths[0]}' ({', '.join(SHAPE)}): "
+                f"track one model's checkpoints"
+            )
+        models.append(model)
+        records.append(record)
     records.sort(key=lambda r: (r["iter_num"] is None, r["iter_num"] or 0, r["path"]))
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "track",
-        "prompts": config.prompts,
-        "criterion": asdict(config.criterion) | {"description": config.criterion.describe()},
-        "checkpoints": records,
-        "provenance": provenance(
-            resolve_device(config.device), resolve_dtype(config.dtype), config.seed
-        ),
-    }
+    return typed(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "track",
+            "model": models[0],
+            "prompts": config.prompts,
+            "criterion": config.criterion.to_dict(),
+            "checkpoints": records,
+            "provenance": provenance(
+                resolve_device(config.device), resolve_dtype(config.dtype), config.seed
+            ),
+        }
+    )
 
 
 CSV_COLUMNS = [
@@ -132,31 +148,30 @@ CSV_COLUMNS = [
 ]
 
 
-def csv_rows(document: dict) -> list[dict]:
+def csv_rows(document: Track) -> list[dict]:
     """One row per checkpoint; weights as ``layer:row,col=value`` joined by ``;``."""
     rows = []
-    for r in document["checkpoints"]:
-        ppl = r["perplexity"] or {}
+    for r in document.checkpoints:
+        ppl, spike = r.perplexity, r.spike
         rows.append(
             {
-                "iter_num": r["iter_num"],
-                "path": r["path"],
-                "spike_layer": r["spike"]["layer"],
-                "spike_magnitude": r["spike"]["magnitude"],
-                "post_channel": r["spike"]["post_channel"],
-                "mlp_out_channel": r["spike"]["mlp_out_channel"],
-                "token": r["spike"]["token"],
+                "iter_num": r.iter_num,
+                "path": r.path,
+                "spike_layer": spike.layer,
+                "spike_magnitude": spike.magnitude,
+                "post_channel": spike.post_channel,
+                "mlp_out_channel": spike.mlp_out_channel,
+                "token": spike.token,
                 "weights": ";".join(
-                    f"{c['layer']}:{c['row']},{c['col']}={c['value']:.6g}" for c in r["candidates"]
+                    f"{c.layer}:{c.row},{c.col}={c.value:.6g}" for c in r.candidates
                 ),
-                "ppl_baseline": ppl.get("baseline", {}).get("perplexity") if ppl else None,
-                "ppl_ablated": (ppl.get("ablated") or {}).get("perplexity") if ppl else None,
+                "ppl_baseline": ppl and ppl.baseline.perplexity,
+                "ppl_ablated": ppl and ppl.ablated and ppl.ablated.perplexity,
                 # A perplexity without its protocol is not a result.
-                "ppl_protocol": (
-                    f"{ppl['baseline']['corpus']}, {ppl['baseline']['protocol_description']}, "
-                    f"{ppl['baseline']['n_tokens']} tokens scored"
-                    if ppl
-                    else None
+                "ppl_protocol": ppl
+                and (
+                    f"{ppl.baseline.corpus}, {ppl.baseline.protocol_description}, "
+                    f"{ppl.baseline.n_tokens} tokens scored"
                 ),
             }
         )

@@ -228,13 +228,13 @@ def test_the_command_writes_a_valid_document_figures_and_a_page(circuit_run):
     out, done = circuit_run
     document = read_json(out / "circuit.json", "circuit")
     top = max(
-        (r for r in document["patching"]["components"] if r["head"] is not None),
-        key=lambda r: r["recovered"],
+        (r for r in document.patching.components if r.head is not None),
+        key=lambda r: r.recovered,
     )
-    assert (top["layer"], top["head"], top["name"]) == (1, 0, "blocks.1.attn.hook_z[:, :, 0]")
-    assert top["recovered"] > 0.8
-    assert document["attention"]["heads"][0] == [1, 0]
-    assert document["patching"]["exact"]["n_tokens"] == 8 * 31  # 248 tokens, BOS per window
+    assert (top.layer, top.head, top.name) == (1, 0, "blocks.1.attn.hook_z[:, :, 0]")
+    assert top.recovered > 0.8
+    assert document.attention.heads[0] == [1, 0]
+    assert document.patching.exact.n_tokens == 8 * 31  # 248 tokens, BOS per window
     assert "L1 H0" in done.stdout and "Spearman" in done.stdout
     for stem in ("circuit_sinks", "circuit_patching", "circuit_residual"):
         assert (out / f"{stem}.png").is_file() and (out / f"{stem}.pdf").is_file()
@@ -244,7 +244,7 @@ def test_the_command_writes_a_valid_document_figures_and_a_page(circuit_run):
     # and zoomed label) and the prompt's tokens, offline.
     assert dom.count("L1 H0") >= 5
     rendered = dom.split("<body", 1)[1].split("<script", 1)[0]
-    tokens = document["attention"]["tokens"]
+    tokens = document.attention.tokens
     assert all(html.escape(t, quote=False) in rendered for t in tokens[1:])  # as serialized
 
 

@@ -51,7 +51,7 @@ def test_locate_finds_the_planted_weight_and_writes_results(tiny_dir, corpus_fil
     )
     assert done.returncode == 0, done.stderr
     doc = json.loads((out / "results.json").read_text())
-    assert doc["schema_version"] == 1 and doc["kind"] == "locate"
+    assert doc["schema_version"] == 2 and doc["kind"] == "locate"
     (found,) = doc["super_weights"]
     assert (found["layer"], found["row"], found["col"]) == (ONE.layer, ONE.row, ONE.col)
     assert found["value"] == ONE.value and found["token"] == TRIGGER

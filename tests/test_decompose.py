@@ -88,8 +88,8 @@ def test_explain_prints_the_verdict_and_writes_results(tiny_dir, tmp_path):
         f"layer {ONE.layer} down_proj output" in done.stdout
         and "Verdict: one weight" in done.stdout
     )
-    (d,) = read_json(tmp_path / "explain.json", "explain")["decompositions"]  # schema-valid
-    assert (d["layer"], d["row"], d["top"][0][0]) == (ONE.layer, ONE.row, ONE.col)
+    (d,) = read_json(tmp_path / "explain.json", "explain").decompositions  # schema-valid
+    assert (d.layer, d.row, d.top[0][0]) == (ONE.layer, ONE.row, ONE.col)
     assert (tmp_path / "decomposition.png").is_file()
 
 

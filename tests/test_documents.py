@@ -7,8 +7,9 @@ import math
 import pytest
 from conftest import run_experiment, run_in_process
 
-from sw_lens.documents import KINDS, Locate, validate
+from sw_lens.documents import KINDS, Locate, Scaling, Track, validate
 from sw_lens.errors import SwLensError
+from sw_lens.results import read_json
 
 
 def setter(path: str, value):
@@ -35,7 +36,7 @@ def truncate(path: str, keep: int):
 
 
 HOSTILE_LOCATE = [
-    (setter("schema_version", 2), "has schema_version 2; this sw_lens reads 1"),
+    (setter("schema_version", 3), "has schema_version 3; this sw_lens reads 2"),
     (setter("kind", "nonsense"), "holds 'nonsense'"),
     (setter("scan.layers.0.post.value", "big"), "scan.layers[0].post.value: Input should be a"),
     (setter("perplexity.baseline.perplexity", math.nan), "Input should be a finite number"),
@@ -114,35 +115,47 @@ def other_kinds():
     model = {"name": "m", "architecture": "A", "n_layers": 4, "d_model": 8, "d_mlp": 16}
     ppl = {"corpus": "c", "protocol_description": "p", "n_tokens": 10, "nll": 1.0}
     ppl |= {"perplexity": math.e}
-    head = {"schema_version": 1, "provenance": {}, "model": model}
+    provenance = {"created": "", "git_commit": None, "versions": {}, "device": "cpu"}
+    provenance |= {"dtype": "float32", "seed": 0}
+    head = {"schema_version": 2, "provenance": provenance, "model": model}
     experiment = head | {
         "super_weights": [{"layer": 1, "row": 2, "col": 3, "value": 5.0}],
         "super_weight_source": "given",
         "baseline": ppl,
     }
     rows = [
-        {"bits": b, "block": k, "method": m, "perplexity": 3.0}
+        ppl
+        | {"bits": b, "block": k, "method": m, "description": "q", "n_parameters": 4, "ratio": 1.1}
         for b in (4, 3)
         for k in ("tensor", 128)
         for m in ("plain", "clipped")
+    ]
+    control = {"label": "(a)", "kind": "super", "n_weights": 1, "perplexity": 9.0, "ratio": 3.3}
+    draws = {"draws": 2, "mean": 3.0, "std": 0.1, "min": 2.9, "max": 3.1}
+    spike = {"layer": 1, "magnitude": 9.0, "post_channel": 3, "mlp_out_channel": 2, "token": "a"}
+    checkpoint = {"path": "c.pt", "iter_num": 0, "spike": spike, "perplexity": None}
+    checkpoint |= {"max_post": [1.0] * 4, "max_mlp_out": [1.0] * 4, "candidates": []}
+    criterion = {"min_ppl_ratio": 1.1, "description": "d"}
+    scaled = [
+        ppl | {"scale": s, "accuracy": {"correct": 3, "n_prompts": 4, "share": 0.75}}
+        for s in (0.0, 1.0)
     ]
     return {
         "quantize": experiment | {"kind": "quantize", "quantized": rows},
         "controls": experiment
         | {
             "kind": "controls",
-            "controls": [{"label": "(a)", "kind": "super", "perplexity": 9.0}],
-            "summary": {"draws": 2, "mean": 3.0, "min": 2.9, "max": 3.1},
+            "controls": [control],
+            "summary": draws | {"largest_share": 0.0, "largest_min_abs": None},
         },
-        "track": {
-            "schema_version": 1,
-            "kind": "track",
-            "provenance": {},
-            "prompt": "p",
-            "checkpoints": [
-                {"iter_num": 0, "spike": {"layer": 1}, "max_mlp_out": [1.0] * 4, "candidates": []}
-            ],
+        "scaling": experiment
+        | {
+            "kind": "scaling",
+            "scaling": scaled,
+            "task": {"description": "t", "source": "s", "n_prompts": 4},
         },
+        "track": head
+        | {"kind": "track", "criterion": criterion, "prompts": ["p"], "checkpoints": [checkpoint]},
     }
 
 
@@ -154,8 +167,12 @@ def other_kinds():
         ("controls", setter("controls.0.kind", "evil"), "Input should be 'super'"),
         ("controls", setter("summary.mean", None), "draws without mean/min/max"),
         ("controls", setter("super_weights.0.layer", 4), "lies outside the model"),
-        ("track", setter("checkpoints.0.spike.layer", 4), "a layer index >= the 4 layers"),
+        ("track", setter("checkpoints.0.spike.layer", 4), "a spike in layer 4 of 4"),
         ("track", setter("checkpoints.0.iter_num", 1.5), "Input should be a valid integer"),
+        ("track", truncate("checkpoints.0.max_post", 3), "a checkpoint without 4 layers"),
+        ("scaling", setter("scaling.0.accuracy.correct", 5), "more correct than prompts"),
+        ("scaling", setter("scaling.1.accuracy.share", 0.5), "share != correct / n"),
+        ("scaling", setter("task.n_prompts", 5), "a point lacks accuracy on the task's prompts"),
     ],
 )
 def test_every_kind_has_its_invariants(kind, change, message):
@@ -200,3 +217,39 @@ def test_every_kind_names_a_figure_that_exists_and_the_sweep_runs_the_swept_ones
         "quantize",
         "circuit",
     )
+
+
+@pytest.mark.parametrize("kind", ["quantize", "controls", "scaling", "track"])
+def test_every_kind_round_trips_through_its_type(kind):
+    schema = KINDS[kind].schema
+    document = schema.from_json(json.dumps(other_kinds()[kind]))
+    assert type(document) is schema
+    assert schema.from_json(document.to_json()) == document
+    assert json.loads(document.to_json()) == json.loads(json.dumps(other_kinds()[kind]))
+
+
+def test_the_locate_document_round_trips_and_reads_as_attributes(results_file):
+    document = read_json(results_file, "locate")
+    assert Locate.from_json(document.to_json()) == document
+    assert json.loads(document.to_json()) == json.loads(results_file.read_text())
+    assert document.super_weights[0].output_activation.value == pytest.approx(
+        json.loads(results_file.read_text())["super_weights"][0]["output_activation"]["value"]
+    )
+
+
+def test_a_schema_1_document_is_upgraded_or_refused_naming_the_version(results_file, tmp_path):
+    old = json.loads(results_file.read_text()) | {"schema_version": 1}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert read_json(path, "locate").model_dump() == read_json(results_file, "locate").model_dump()
+
+    scaling = other_kinds()["scaling"] | {"schema_version": 1}
+    for point in scaling["scaling"]:
+        point["accuracy"] = 0.75  # schema 1: a bare share of the task's 4 prompts
+    upgraded = Scaling.from_json(json.dumps(scaling))
+    assert [p.accuracy.correct for p in upgraded.scaling] == [3, 3]
+    assert upgraded.schema_version == 2
+
+    track = other_kinds()["track"] | {"schema_version": 1}
+    with pytest.raises(SwLensError, match="has schema_version 1, whose tracks name no model"):
+        Track.from_json(json.dumps(track), "track.json")

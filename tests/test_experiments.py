@@ -37,8 +37,9 @@ def test_each_experiment_writes_its_results_and_figure(toy, tmp_path, script):
     assert done.returncode == 0, done.stderr
     stem = FIGURE_STEMS[script]
     doc = json.loads((out / f"{stem}.json").read_text())
-    assert doc["schema_version"] == 1 and doc["kind"] == stem
-    assert read_json(out / f"{stem}.json", stem) == doc  # valid against its schema
+    assert doc["schema_version"] == 2 and doc["kind"] == stem
+    typed = read_json(out / f"{stem}.json", stem)  # valid against its schema
+    assert json.loads(typed.to_json()) == doc
     (sw,) = doc["super_weights"]
     assert (sw["layer"], sw["row"], sw["col"], sw["value"]) == (1, 5, 17, TOY.value)
     assert doc["super_weight_source"] == "given (--weight)"
@@ -55,7 +56,9 @@ def test_experiment_numbers_reach_the_results(toy, tmp_path):
     doc = json.loads((out / "scaling.json").read_text())
     points = {p["scale"]: p["perplexity"] for p in doc["scaling"]}
     assert doc["task"]["n_prompts"] > 0
-    assert all(0 <= p["accuracy"] <= 1 for p in doc["scaling"])
+    n = doc["task"]["n_prompts"]
+    assert all(p["accuracy"]["n_prompts"] == n for p in doc["scaling"])
+    assert all(p["accuracy"]["share"] == p["accuracy"]["correct"] / n for p in doc["scaling"])
     assert points[1.0] == doc["baseline"]["perplexity"]  # factor 1 is the baseline
     assert points[0.0] > 2 * points[1.0]
     redrawn = tmp_path / "redrawn"

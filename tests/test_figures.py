@@ -66,23 +66,23 @@ def test_the_token_loss_page_has_one_element_per_scored_token(results_file, tmp_
     document = read_json(results_file, "locate")
     (page,) = [p for p in render_all(document, tmp_path) if p.suffix == ".html"]
     text = page.read_text()
-    loss = document["token_loss"]
-    assert len(loss["tokens"]) == len(loss["delta"]) == 40
+    loss = document.token_loss
+    assert len(loss.tokens) == len(loss.delta) == 40
     props = re.search(r"CircuitsVis\.ColoredTokens,\s*(\{.*?\})\s*\)", text, re.S).group(1)
     props = json.loads(props)
-    assert props["tokens"] == [html.escape(t) for t in loss["tokens"]]  # circuitsvis: HTML
-    assert props["values"] == pytest.approx(loss["delta"])
+    assert props["tokens"] == [html.escape(t) for t in loss.tokens]  # circuitsvis: HTML
+    assert props["values"] == pytest.approx(loss.delta)
     embedded = re.search(r'id="sw-lens-token-loss">(.*?)</script>', text, re.S).group(1)
-    assert json.loads(embedded)["delta"] == loss["delta"]
+    assert json.loads(embedded)["delta"] == loss.delta
     assert "unpkg.com" not in text  # the JavaScript is inlined: it opens offline
-    for before in document["predictions"]["before"]:
-        assert f"{before['prob']:.3f}" in text
+    for before in document.predictions.before:
+        assert f"{before.prob:.3f}" in text
 
 
 def test_deltas_are_the_difference_of_the_saved_losses(results_file):
-    loss = read_json(results_file, "locate")["token_loss"]
-    assert loss["delta"] == pytest.approx(
-        [a - b for a, b in zip(loss["ablated_nll"], loss["baseline_nll"], strict=True)]
+    loss = read_json(results_file, "locate").token_loss
+    assert loss.delta == pytest.approx(
+        [a - b for a, b in zip(loss.ablated_nll, loss.baseline_nll, strict=True)]
     )
 
 
@@ -101,7 +101,7 @@ def test_the_command_regenerates_figures_next_to_the_results(results_file, tmp_p
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda d: d.update(schema_version=0), "has schema_version 0; this sw_lens reads 1"),
+        (lambda d: d.update(schema_version=0), "has schema_version 0; this sw_lens reads 2"),
         (lambda d: d.pop("layer_activations"), "lacks the field 'layer_activations'"),
         (lambda d: d["perplexity"].pop("baseline"), "lacks the field 'perplexity.baseline'"),
     ],

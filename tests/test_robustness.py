@@ -118,10 +118,10 @@ def test_robustness_command(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     doc = read_json(out / "robustness.json", "robustness")  # valid against its schema
-    assert doc["kind"] == "robustness" and doc["n_texts"] == 4  # the paper's prompt + 3
-    (planted,) = [w for w in doc["weights"] if (w["layer"], w["row"], w["col"]) == (1, 5, 17)]
+    assert doc.kind == "robustness" and doc.n_texts == 4  # the paper's prompt + 3
+    (planted,) = [w for w in doc.weights if w.key() == (1, 5, 17)]
     # Only the paper's prompt and the first sentence have a "." (the trigger).
-    assert planted["n_rule"] == planted["n_top"] == 2
-    assert planted["flags"] == ["delimiter-bound"]
+    assert planted.n_rule == planted.n_top == 2
+    assert planted.flags == ["delimiter-bound"]
     assert (out / "robustness.png").is_file() and (out / "robustness.pdf").is_file()
     assert "delimiter-bound" in done.stdout

@@ -67,4 +67,6 @@ def test_next_word_accuracy_is_the_hand_counted_top_1(tiny):
             for ids in contexts
         ]
         targets = [top[0], top[1] + 1, top[2]]  # two hits, one miss
-        assert next_word_accuracy(model, contexts, targets, coords, scale) == pytest.approx(2 / 3)
+        accuracy = next_word_accuracy(model, contexts, targets, coords, scale)
+        assert (accuracy.correct, accuracy.n_prompts) == (2, 3)
+        assert accuracy.share == pytest.approx(2 / 3)

@@ -49,21 +49,19 @@ def test_track_reports_the_super_weight_appearing(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     doc = read_json(out / "track.json", "track")  # valid against its schema
-    assert [r["iter_num"] for r in doc["checkpoints"]] == [0, 1000, 2000]
-    found = [
-        [(c["layer"], c["row"], c["col"], c["value"]) for c in r["candidates"]]
-        for r in doc["checkpoints"]
-    ]
+    assert doc.model.n_layers == model_args()["n_layer"]  # the first checkpoint's model
+    assert [r.iter_num for r in doc.checkpoints] == [0, 1000, 2000]
+    found = [[(c.layer, c.row, c.col, c.value) for c in r.candidates] for r in doc.checkpoints]
     assert found == [[], [(2, 9, 40, 4.0)], [(2, 9, 40, 8.0)]]
-    later = doc["checkpoints"][2]
-    assert later["spike"]["layer"] == 2 and later["spike"]["token"] == TRIGGER
-    assert later["max_mlp_out"][2] > 1.5 * doc["checkpoints"][1]["max_mlp_out"][2]
-    assert later["candidates"][0]["checkpoint_param"] == "transformer.h.2.mlp.c_proj.weight"
-    assert later["perplexity"]["ablated"]["n_tokens"] == later["perplexity"]["baseline"]["n_tokens"]
-    assert doc["checkpoints"][0]["perplexity"]["ablated"] is None  # nothing to ablate at step 0
+    later = doc.checkpoints[2]
+    assert later.spike.layer == 2 and later.spike.token == TRIGGER
+    assert later.max_mlp_out[2] > 1.5 * doc.checkpoints[1].max_mlp_out[2]
+    assert later.candidates[0].checkpoint_param == "transformer.h.2.mlp.c_proj.weight"
+    assert later.perplexity.ablated.n_tokens == later.perplexity.baseline.n_tokens
+    assert doc.checkpoints[0].perplexity.ablated is None  # nothing to ablate at step 0
     rows = list(csv.DictReader((out / "track.csv").open()))
     assert [r["weights"] for r in rows] == ["", "2:9,40=4", "2:9,40=8"]
-    n_scored = later["perplexity"]["baseline"]["n_tokens"]
+    n_scored = later.perplexity.baseline.n_tokens
     assert rows[2]["ppl_protocol"] == (
         f"{corpus}, token-level, window 64 (non-overlapping), no BOS, first 256 tokens, "
         f"{n_scored} tokens scored"
@@ -77,3 +75,15 @@ def test_track_refuses_missing_checkpoints(tmp_path):
     done = run_experiment("track.py", tmp_path / "nope.pt")
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: checkpoint '{tmp_path / 'nope.pt'}' does not exist"
+
+
+def test_checkpoints_of_different_models_are_one_line(tmp_path):
+    run = checkpoints(tmp_path)
+    other = model_args(n_layer=2)
+    save_checkpoint(run / "ckpt_3000.pt", GPT(other).eval(), other, iter_num=3000)
+    done = run_experiment("track.py", run, "--device", "cpu", "--out", tmp_path / "report")
+    assert done.returncode == 2
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert "ckpt_3000.pt' is not the shape of" in line and "track one model's" in line
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "report").exists()
