@@ -327,8 +327,17 @@ class Known(Strict):
     checks: list[KnownCheck]
 
 
+class Execution(Strict):
+    """How the numbers were computed: the whole model in memory, or streamed."""
+
+    streamed: bool
+    why: str | None
+    description: str
+
+
 class Locate(OnModel):
     kind: Literal["locate"]
+    execution: Execution | None = None  # documents written before streaming have none
     criterion: Criterion
     search: Search | None = None  # documents written before the search have none
     scan: Scan

@@ -47,7 +47,13 @@ def find(setup: Setup, config: LocateConfig) -> Found:
     effect (``find="rule"``) or the search, which measures them among the rest."""
     model, corpus = setup.model, setup.corpus.name
     rule = locate(model, setup.texts, setup.prompt_bos, config.criterion, config.iterations)
-    if config.find == "rule":
+    if config.find == "search" and setup.streamed:
+        rule.notes.append(
+            "streamed: the threshold-free search needs gradients through the whole model, "
+            "which a streamed run does not compute; the spike rule's candidates are ranked "
+            "by their effect instead"
+        )
+    if config.find == "rule" or setup.streamed:
         return Found(rank_by_effect(model, rule, setup.tokens, setup.rank_protocol, corpus), None)
     result = search(
         model,

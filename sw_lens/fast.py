@@ -36,6 +36,16 @@ _TWINS: "weakref.WeakKeyDictionary[TransformerBridge, PreTrainedModel]" = (
 )
 
 
+def empty_model(config) -> PreTrainedModel:
+    """The HF class of `config` with its parameters on the meta device (buffers, such as
+    rotary frequencies, real), with ``sdpa`` attention where the architecture has it."""
+    with init_empty_weights():
+        try:
+            return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        except ValueError:  # an architecture without sdpa (Gemma 2): its own attention
+            return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
 def hf_twin(model: TransformerBridge) -> PreTrainedModel:
     """The plain HF model over the bridge's parameters, with ``sdpa`` attention where the
     architecture has it; built once per bridge."""
@@ -44,11 +54,7 @@ def hf_twin(model: TransformerBridge) -> PreTrainedModel:
     original = model.original_model
     config = copy.deepcopy(original.config)
     config.__dict__.pop("quantization_config", None)  # GGUF: the weights are dequantized
-    with init_empty_weights():  # parameters on the meta device, buffers (rotary) real
-        try:
-            twin = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-        except ValueError:  # an architecture without sdpa (Gemma 2): its own attention
-            twin = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    twin = empty_model(config)
     state = {
         name.replace("._original_component", ""): tensor
         for name, tensor in original.state_dict(keep_vars=True).items()

@@ -14,7 +14,7 @@ layer's keys and values, and one chunk's attention scores and MLP activations.
 The reduction is the same `scan.SpikeReducer` as the streaming scan, fed per chunk by module
 hooks on the down-projection (its input is ``hook_post``, its output the down-projection
 output that `scan.scan` reads), on the module whose input is ``hook_resid_mid`` and on
-any norm after the MLP (its output is ``hook_mlp_out``; see `_mlp_sublayer`). The result equals
+any norm after the MLP (its output is ``hook_mlp_out``; see `mlp_sublayer`). The result equals
 `scan.scan`'s (positions, channels and tokens; values to float rounding), which the
 tests check. Rotary-position decoders without sliding windows (Llama, Mistral, Qwen2,
 and their kin) are supported; others, and any model whose layers a short chunked run
@@ -81,7 +81,7 @@ def _check_reproduced(model, twin, layers, ids: Tensor) -> None:
         resid = _embedding(twin, layers, probe[None])
         for index, layer in enumerate(list(layers)[:-1]):
             try:
-                reducer = SpikeReducer(model)
+                reducer = SpikeReducer(model.cfg.n_layers, model.tokenizer)
                 _run_layer(model, twin, layer, index, resid, _PROBE // 2, reducer, 0, probe)
                 reproduced = torch.allclose(resid, hidden[index + 1], rtol=1e-4, atol=1e-5)
             except (TypeError, ValueError, RuntimeError):  # a layer that needs more arguments
@@ -106,7 +106,7 @@ def scan_layer_major(
     twin = hf_twin(model)
     parent, name = decoder_layers(model, twin)
     layers = getattr(parent, name)
-    reducer = SpikeReducer(model)
+    reducer = SpikeReducer(model.cfg.n_layers, model.tokenizer)
     device = model.cfg.device
     for ids in texts:  # every refusal before any work
         _check_supported(twin, len(ids))
@@ -119,18 +119,22 @@ def scan_layer_major(
     return reducer.result(prepend_bos, texts)
 
 
-def _mlp_sublayer(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+def mlp_sublayer(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     """(a module whose input is the residual stream entering the MLP sublayer, a norm
     applied to the MLP's output before it is added, or None). Llama-like layers read
-    ``post_attention_layernorm``'s input; Gemma 2/3 normalise before and after the MLP
-    (there ``post_attention_layernorm`` follows the attention); OLMo 2 feeds the
-    residual to the MLP directly and normalises its output."""
+    ``post_attention_layernorm``'s input (GPT-2: ``ln_2``'s); Gemma 2/3 normalise before
+    and after the MLP (there ``post_attention_layernorm`` follows the attention); OLMo 2
+    feeds the residual to the MLP directly and normalises its output. A parallel layer
+    (GPT-NeoX) has no such stream: its MLP reads the layer's input, as the bridge, which
+    has no ``hook_resid_mid`` there, says too."""
+    if getattr(layer, "use_parallel_residual", False):
+        return None, None
     after = getattr(layer, "post_feedforward_layernorm", None)
     before = getattr(layer, "pre_feedforward_layernorm", None)
-    if before is None:
-        before = (
-            layer.mlp if after is not None else getattr(layer, "post_attention_layernorm", None)
-        )
+    if before is None and after is not None:
+        before = layer.mlp
+    for name in ("post_attention_layernorm", "ln_2"):  # GPT-2 calls it ln_2
+        before = before if before is not None else getattr(layer, name, None)
     return before, after
 
 
@@ -143,7 +147,7 @@ def _run_layer(model, twin, layer, index, resid, chunk, reducer, text, ids) -> N
     def keep(key: str, tensor: Tensor) -> None:
         state[key] = tensor[0]
 
-    before, after = _mlp_sublayer(layer)
+    before, after = mlp_sublayer(layer)
     down = down_proj_module(model, twin, index)
     handles = [
         down.register_forward_hook(lambda m, args, out: state.update(post=args[0][0], down=out[0]))

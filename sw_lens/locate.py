@@ -22,6 +22,7 @@ The literal rule has three traps on real models, each handled here and reported:
 """
 
 import logging
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from statistics import median
@@ -105,14 +106,51 @@ def medians(result: ScanResult) -> tuple[float, float]:
     )
 
 
+class RuleModel(typing.Protocol):
+    """What the rule and the effect ranking ask of a model: held in memory (`InMemory`,
+    a bridge) or read one layer at a time from its checkpoint (`stream.StreamedModel`)."""
+
+    def scan(
+        self, texts: Sequence[Tensor], prepend_bos: bool, ablation: Sequence[WeightCoord]
+    ) -> ScanResult: ...
+
+    def weight(self, coord: WeightCoord) -> tuple[float, str, bool]: ...
+
+    def sweep(
+        self, tokens: Tensor, protocol: Protocol, corpus: str, ablations: list, desc: str
+    ) -> tuple[PerplexityResult, list[PerplexityResult]]: ...
+
+
+@dataclass
+class InMemory:
+    """A bridge as a `RuleModel`: scans with ablation hooks, the prefix-reusing sweep."""
+
+    bridge: TransformerBridge
+
+    def scan(self, texts, prepend_bos, ablation) -> ScanResult:
+        return scan(self.bridge, texts, prepend_bos, ablation_hooks(self.bridge, ablation))
+
+    def weight(self, coord: WeightCoord) -> tuple[float, str, bool]:
+        """The weight's value, its HF parameter and whether that is stored as nn.Linear."""
+        return weight_value(self.bridge, coord), *down_proj_parameter(self.bridge, coord.layer)
+
+    def sweep(self, tokens, protocol, corpus, ablations, desc):
+        return evaluate_sweep(self.bridge, tokens, protocol, corpus, ablations, desc=desc)
+
+
+def rule_model(model: TransformerBridge | RuleModel) -> RuleModel:
+    return InMemory(model) if isinstance(model, TransformerBridge) else model
+
+
 def apply_rule(
-    model: TransformerBridge,
+    model: TransformerBridge | RuleModel,
     result: ScanResult,
     criterion: Criterion,
     iteration: int,
     taken_neurons: set[tuple[int, int]],
 ) -> tuple[list[Candidate], list[str]]:
     """One pass of the rule over a scan: new candidates, and why other spikes were passed."""
+    model = rule_model(model)
     post_median, out_median = medians(result)
     found, notes = [], []
     for s in result.layers:
@@ -137,15 +175,14 @@ def apply_rule(
     return found, notes
 
 
-def _candidate(model: TransformerBridge, s: LayerSpikes, iteration: int) -> Candidate:
+def _candidate(model: RuleModel, s: LayerSpikes, iteration: int) -> Candidate:
     coord = WeightCoord(s.layer, row=s.mlp_out.channel, col=s.post.channel)
-    hf_param, linear = down_proj_parameter(model, s.layer)
-    hf_index = stored_index(coord, linear)
+    value, hf_param, linear = model.weight(coord)
     return Candidate(
         coord=coord,
-        value=weight_value(model, coord),
+        value=value,
         hf_param=hf_param,
-        hf_index=hf_index,
+        hf_index=stored_index(coord, linear),
         iteration=iteration,
         post=s.post,
         mlp_out=s.mlp_out,
@@ -169,15 +206,17 @@ def earliest(found: list[Candidate]) -> tuple[list[Candidate], list[Candidate]]:
 
 
 def locate(
-    model: TransformerBridge,
+    model: TransformerBridge | RuleModel,
     texts: Sequence[Int[Tensor, "pos"]],
     prepend_bos: bool,
     criterion: Criterion = Criterion(),
     max_iterations: int = 5,
 ) -> LocateResult:
     """Scan, apply the rule, take the earliest layer's weight (`earliest`), ablate it
-    (hooks; the model is never edited), scan again, until nothing new is exposed or
-    `max_iterations` scans were made. Each candidate records the scan it came from."""
+    (hooks, or edits as a streamed layer is read; the model is never edited), scan again,
+    until nothing new is exposed or `max_iterations` scans were made. Each candidate
+    records the scan it came from."""
+    model = rule_model(model)
     candidates: list[Candidate] = []
     scans: list[ScanResult] = []
     notes: list[str] = []
@@ -185,7 +224,7 @@ def locate(
     termination = f"iteration limit ({max_iterations}) reached"
     for iteration in range(1, max_iterations + 1):
         ablated = [c.coord for c in candidates if c.role == "creates"]
-        result = scan(model, texts, prepend_bos, ablation_hooks(model, ablated))
+        result = model.scan(texts, prepend_bos, ablated)
         scans.append(result)
         found, passed = apply_rule(model, result, criterion, iteration, taken)
         found, deferred = earliest(found)
@@ -212,7 +251,7 @@ def locate(
 
 
 def rank_by_effect(
-    model: TransformerBridge,
+    model: TransformerBridge | RuleModel,
     result: LocateResult,
     tokens: Int[Tensor, "n_tokens"],
     protocol: Protocol,
@@ -222,8 +261,8 @@ def rank_by_effect(
     tell a 1.5x effect from none), mark super weights by the criterion's perplexity ratio
     and sort candidates by effect, largest first. One sweep: the layers before the
     earliest candidate run once per window (`perplexity.evaluate_sweep`)."""
-    baseline, alone = evaluate_sweep(
-        model, tokens, protocol, corpus, [[c.coord] for c in result.candidates], desc="rank"
+    baseline, alone = rule_model(model).sweep(
+        tokens, protocol, corpus, [[c.coord] for c in result.candidates], "rank"
     )
     for c, ablated in zip(result.candidates, alone, strict=True):
         c.ppl_alone = ablated.perplexity

@@ -11,12 +11,13 @@ import logging
 from dataclasses import asdict, astuple
 
 from sw_lens.documents import Locate
+from sw_lens.errors import SwLensError
 from sw_lens.experiment import Found, find
-from sw_lens.locate import Candidate, LocateResult
+from sw_lens.locate import Candidate, LocateResult, rule_model
 from sw_lens.models import LoadedModel
 from sw_lens.outliers import weight_distribution
-from sw_lens.patching import ablation_hooks, weight_value
-from sw_lens.perplexity import PerplexityResult, evaluate_sweep, paired_token_loss
+from sw_lens.patching import ablation_hooks
+from sw_lens.perplexity import PerplexityResult, paired_token_loss
 from sw_lens.predictions import top_predictions
 from sw_lens.registry import (
     CONVENTION,
@@ -30,10 +31,10 @@ from sw_lens.registry import (
 from sw_lens.results import header, typed
 from sw_lens.scan import ScanResult, layer_activations, weight_spikes
 from sw_lens.search import SearchResult
-from sw_lens.setup import LocateConfig, load, prompt_tokens
+from sw_lens.setup import LocateConfig, Setup, load, prompt_tokens
+from sw_lens.stream import top_predictions as streamed_predictions
 from sw_lens.vocabulary import (
     WeightCoord,
-    down_proj_parameter,
     hook_down_out,
     hook_mlp_out,
     stored_index,
@@ -51,13 +52,13 @@ def _ablation_entry(label: str, coords, result: PerplexityResult, baseline: Perp
     } | result.to_dict()
 
 
-def _weight_dict(coord: WeightCoord, loaded: LoadedModel) -> dict:
+def _weight_dict(coord: WeightCoord, setup: Setup) -> dict:
     """The weight's value and its index in every layout we name."""
-    hf_param, linear = down_proj_parameter(loaded.bridge, coord.layer)
-    checkpoint_param, checkpoint_index = loaded.checkpoint_weight(*astuple(coord))
+    value, hf_param, linear = rule_model(setup.model).weight(coord)
+    checkpoint_param, checkpoint_index = setup.loaded.checkpoint_weight(*astuple(coord))
     return {
         **asdict(coord),
-        "value": weight_value(loaded.bridge, coord),
+        "value": value,
         "w_out_index": list(coord.w_out_index),
         "hf_param": hf_param,
         "hf_index": list(stored_index(coord, linear)),
@@ -66,8 +67,8 @@ def _weight_dict(coord: WeightCoord, loaded: LoadedModel) -> dict:
     }
 
 
-def candidate_dict(c: Candidate, loaded: LoadedModel) -> dict:
-    return _weight_dict(c.coord, loaded) | {
+def candidate_dict(c: Candidate, setup: Setup) -> dict:
+    return _weight_dict(c.coord, setup) | {
         "iteration": c.iteration,
         "role": c.role,
         "token": c.mlp_out.token,
@@ -123,8 +124,8 @@ def report_ablations(setup, sets: list, search: SearchResult | None) -> tuple:
     todo = [coords for _, coords in sets if not (len(coords) == 1 and coords[0] in done)]
     if todo or not done:
         corpus = setup.corpus.name
-        baseline, results = evaluate_sweep(
-            setup.model, setup.tokens, setup.protocol, corpus, todo, desc="report"
+        baseline, results = rule_model(setup.model).sweep(
+            setup.tokens, setup.protocol, corpus, todo, "report"
         )
     else:
         baseline, results = search.confirmation, []
@@ -146,14 +147,14 @@ def headline(found: Found, measured: list) -> tuple | None:
     return max(measured, key=lambda m: m[2].perplexity)
 
 
-def super_weight_dict(coord: WeightCoord, found: Found, loaded: LoadedModel, texts: list) -> dict:
+def super_weight_dict(coord: WeightCoord, found: Found, setup: Setup) -> dict:
     """A super weight as the document records it: where it is in every layout, its
     activations on the prompts, and how the search found and measured it."""
     rule = {c.coord: c for c in found.rule.candidates}
     if coord in rule:
-        entry = candidate_dict(rule[coord], loaded)
-    else:
-        entry = _weight_dict(coord, loaded) | _activations(loaded.bridge, texts, coord)
+        entry = candidate_dict(rule[coord], setup)
+    else:  # found by the search, which runs in memory only
+        entry = _weight_dict(coord, setup) | _activations(setup.model, setup.texts, coord)
     if found.search is not None:
         m = next(m for m in found.search.measured if m.coord == coord)
         entry |= {
@@ -211,15 +212,16 @@ def token_loss(loaded: LoadedModel, tokens, baseline, headline, config: LocateCo
     return {"label": label, "weights": [asdict(c) for c in coords]} | paired
 
 
-def predictions(model, ids, headline, config: LocateConfig) -> dict:
+def predictions(setup: Setup, ids, headline, config: LocateConfig) -> dict:
     """Top-k next tokens on the case-study prompt before/after the headline ablation."""
     label, coords, _ = headline
-    return {
-        "prompt": config.prediction_prompt,
-        "label": label,
-        "before": top_predictions(model, ids),
-        "after": top_predictions(model, ids, fwd_hooks=ablation_hooks(model, coords)),
-    }
+    model = setup.model
+    if setup.streamed:
+        before, after = streamed_predictions(model, ids), streamed_predictions(model, ids, coords)
+    else:
+        before = top_predictions(model, ids)
+        after = top_predictions(model, ids, fwd_hooks=ablation_hooks(model, coords))
+    return {"prompt": config.prediction_prompt, "label": label, "before": before, "after": after}
 
 
 def scan_dict(result: ScanResult, prompts: list[str]) -> dict:
@@ -235,11 +237,14 @@ def scan_dict(result: ScanResult, prompts: list[str]) -> dict:
     }
 
 
-def known_entry(config: LocateConfig, loaded: LoadedModel) -> KnownModel | None:
+def known_entry(config: LocateConfig, setup: Setup) -> KnownModel | None:
     """The registry entry to compare with (checked against the model's shape before any
     work is done), or None when not asked or not listed."""
     if not config.check_known:
         return None
+    if setup.streamed:
+        raise SwLensError("--check-known needs the model in memory: use --stream off")
+    loaded = setup.loaded
     name = loaded.name if config.check_known == "auto" else config.check_known
     known = lookup(load_registry(config.registry), name)
     if known is not None:
@@ -258,10 +263,10 @@ def known_dict(config: LocateConfig, known: KnownModel | None, model, found: Loc
 
 def run_locate(config: LocateConfig) -> Locate:
     """Run the locate job and return its results document."""
-    setup = load(config)
+    setup = load(config, streamable=True)
     loaded, model, tokens, corpus = setup.loaded, setup.model, setup.tokens, setup.corpus
     protocol, prompt_bos, texts = setup.protocol, setup.prompt_bos, setup.texts
-    known = known_entry(config, loaded)
+    known = known_entry(config, setup)
     found = find(setup, config)
     rule = found.rule
 
@@ -272,9 +277,9 @@ def run_locate(config: LocateConfig) -> Locate:
     )
     top = headline(found, measured)
     prediction_ids = prompt_tokens(loaded, [config.prediction_prompt], prompt_bos)[0]
-    candidates = [candidate_dict(c, loaded) for c in rule.candidates]
-    supers = [super_weight_dict(c, found, loaded, texts) for c in found.super_weights]
-    shown = supers or candidates  # strongest first
+    candidates = [candidate_dict(c, setup) for c in rule.candidates]
+    supers = [super_weight_dict(c, found, setup) for c in found.super_weights]
+    shown = [] if setup.streamed else supers or candidates  # strongest first
     per_layer: dict[int, dict] = {}  # the strongest shown weight of each layer
     for w in shown:
         per_layer.setdefault(w["layer"], w)
@@ -298,7 +303,8 @@ def run_locate(config: LocateConfig) -> Locate:
                 "ablations": [_ablation_entry(*m, baseline) for m in measured],
             },
             "token_loss": top and token_loss(loaded, tokens, baseline, top, config),
-            "predictions": top and predictions(model, prediction_ids, top, config),
+            "predictions": top and predictions(setup, prediction_ids, top, config),
+            # In memory only: the spike layer's top channels and the weights' matrices.
             "layer_activations": [  # on the text where that weight's input spikes
                 asdict(
                     layer_activations(
@@ -312,5 +318,15 @@ def run_locate(config: LocateConfig) -> Locate:
                 for w in shown
             ],
             "known": config.check_known and known_dict(config, known, model, rule),
+            "execution": {
+                "streamed": setup.streamed,
+                "why": setup.streaming,
+                "description": (
+                    "one decoder layer at a time from the checkpoint, every token's residual "
+                    "stream kept between layers (sw_lens.stream)"
+                    if setup.streamed
+                    else "the whole model in memory"
+                ),
+            },
         }
     )

@@ -13,6 +13,7 @@ be the checkpoint's own.
 """
 
 import difflib
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import platformdirs
 import torch
+from huggingface_hub import snapshot_download
 from safetensors.torch import save_file
 from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 from transformer_lens.model_bridge import TransformerBridge
@@ -105,6 +107,43 @@ class LoadedModel:
             "n_ctx": cfg.n_ctx,
             "iter_num": self.iter_num,
         }
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer starts a text with BOS by itself."""
+    probe = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+
+
+def model_folder(name: str) -> tuple[str, Path]:
+    """(source, folder) of a model that is an HF-format folder on disk: an embedded
+    model's converted snapshot, a local folder, or a hub id's snapshot in the HF cache
+    (downloaded unless ``HF_HUB_OFFLINE=1``; weights, config and tokenizer only)."""
+    path = Path(name).expanduser()
+    if name in EMBEDDED:
+        return "embedded", _embedded_snapshot(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SwLensError(f"'{name}' is not a model directory: no config.json")
+        return "local", path.resolve()
+    if path.exists() or path.suffix in MODEL_SUFFIXES or name.startswith((".", "/", "~")):
+        raise SwLensError(
+            f"'{name}' is not an HF-format folder of safetensors (a .gguf file or a nanoGPT "
+            f"checkpoint loads in memory only)"
+        )
+    meta = ["*.json", "*.model", "*.txt", "*.tiktoken"]  # config, tokenizer, shard index
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=meta))
+        index = folder / "model.safetensors.index.json"
+        with untrusted_files(f"cannot read {index}"):
+            shards = (
+                sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                if index.is_file()
+                else ["model.safetensors"]  # not every .safetensors: some repos hold copies
+            )
+        return "hub", Path(snapshot_download(name, allow_patterns=meta + shards))
+    except (OSError, ValueError) as err:  # the hub's errors are OSError / ValueError kinds
+        raise SwLensError(f"unknown model '{name}': {first_line(err)}") from None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -309,8 +348,7 @@ def load_model(
     _name_architecture(model.config)  # what the bridge reads, whatever the source said
     # The bridge reloads the tokenizer with add_bos_token=True; remember the model's own
     # convention first (Llama: BOS; GPT-2, SmolLM2: none), the default of our protocols.
-    probe = tokenizer("a")["input_ids"]
-    adds_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+    bos = adds_bos(tokenizer)
     with untrusted_files(f"cannot load '{name}'"):
         bridge = TransformerBridge.boot_transformers(
             location, hf_model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype
@@ -324,7 +362,7 @@ def load_model(
         location,
         torch_device,
         torch_dtype,
-        adds_bos,
+        bos,
         iter_num,
         checkpoint_weight or _hf_checkpoint_weight(bridge),
     )

@@ -165,11 +165,10 @@ def extended(
     )
 
 
-def check_window(model: TransformerBridge, protocol: Protocol) -> None:
-    if protocol.window > model.cfg.n_ctx:
-        raise SwLensError(
-            f"window {protocol.window} exceeds the model's context of {model.cfg.n_ctx} tokens"
-        )
+def check_window(n_ctx: int, protocol: Protocol) -> None:
+    """Refuse a window longer than the model's context (`n_ctx` positions)."""
+    if protocol.window > n_ctx:
+        raise SwLensError(f"window {protocol.window} exceeds the model's context of {n_ctx} tokens")
 
 
 def _batches(items: Sequence[Window], size: int) -> Iterator[list[Window]]:
@@ -192,18 +191,20 @@ def scored_nll(
     return nll[targets != IGNORE].double().cpu()
 
 
-def _result(
-    model: TransformerBridge,
+def measured(
+    dtype: torch.dtype,
     corpus: str,
     protocol: Protocol,
-    losses: list,
+    losses: list[Tensor],
     cut: list[Window],
     edits: Mapping[int, EditedColumns] | None = None,
 ) -> PerplexityResult:
+    """The result of scoring `cut`'s windows (`losses`: their scored tokens' NLLs, in
+    order), refused in one line where a logit overflowed `dtype`."""
     token_nll = torch.cat(losses)
     if not torch.isfinite(token_nll).all():
         raise NonFiniteActivation(
-            f"perplexity is not finite in {model.cfg.dtype}: the logits overflowed; "
+            f"perplexity is not finite in {dtype}: the logits overflowed; "
             f"use --dtype bfloat16 or float32"
         )
     return PerplexityResult(
@@ -265,14 +266,14 @@ def evaluate(
 
     Without TransformerLens `fwd_hooks` the forward runs in the model's HF twin with the
     fast attention kernel (`sw_lens.fast`); with them, in the bridge (eager attention)."""
-    check_window(model, protocol)
+    check_window(model.cfg.n_ctx, protocol)
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
     edits = column_edits(model, ablation, scale, restore_above)
     losses = []
     with torch.inference_mode(), forward_pass(model, edits, fwd_hooks) as (logits_of, layers):
         for input_ids, targets in window_batches(cut, protocol, model.cfg.device, desc, layers):
             losses.append(scored_nll(logits_of(input_ids), targets))
-    return _result(model, corpus, protocol, losses, cut, edits)
+    return measured(model.cfg.dtype, corpus, protocol, losses, cut, edits)
 
 
 def evaluate_sweep(
@@ -294,7 +295,7 @@ def evaluate_sweep(
     Runs in the HF twin (TransformerLens's own ``start_at_layer`` still computes the
     skipped blocks); `fast.Resume` checks that feeding a kept residual back in is exact
     for this model, else ablations run the whole model, with the same results."""
-    check_window(model, protocol)
+    check_window(model.cfg.n_ctx, protocol)
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
     scales = [scale] * len(ablations) if isinstance(scale, int | float) else list(scale)
     if len(scales) != len(ablations):
@@ -313,7 +314,8 @@ def evaluate_sweep(
             for k, (edit, start) in enumerate(zip(edits, starts, strict=True), start=1):
                 with twin_ablation(model, edit):
                     losses[k].append(scored_nll(resume.run(start, kept, input_ids), targets))
-    baseline, *ablated = (_result(model, corpus, protocol, loss, cut) for loss in losses)
+    dtype = model.cfg.dtype
+    baseline, *ablated = (measured(dtype, corpus, protocol, loss, cut) for loss in losses)
     return baseline, ablated
 
 

@@ -37,10 +37,19 @@ def check_fits(
     check_count(parameter_count(config, trust_remote_code), name, device, dtype)
 
 
+def fits(config, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the model `config` describes fits `device` whole (see `check_count`)."""
+    return needed_bytes(parameter_count(config), dtype) <= available_bytes(device)
+
+
+def needed_bytes(n_params: int, dtype: torch.dtype) -> float:
+    return n_params * torch.empty((), dtype=dtype).element_size() * OVERHEAD
+
+
 def check_count(n_params: int, name: str, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse, with what would fit, a model of `n_params` that `device` cannot hold."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    needed = n_params * itemsize * OVERHEAD
+    needed = needed_bytes(n_params, dtype)
     free = available_bytes(device)
     if needed <= free:
         return

@@ -29,6 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedTokenizerBase
 
 from sw_lens.errors import NonFiniteActivation, SwLensError
 from sw_lens.patching import by_layer, weight_value
@@ -97,16 +98,18 @@ def _max_abs(act: Float[Tensor, "pos channel"]) -> tuple[float, int, int]:
     return float(act[pos, channel]), pos, channel
 
 
-def _token(model: TransformerBridge, ids: Int[Tensor, "pos"], pos: int) -> str:
-    return model.tokenizer.decode([int(ids[pos])])
+def _token(tokenizer: PreTrainedTokenizerBase, ids: Int[Tensor, "pos"], pos: int) -> str:
+    return tokenizer.decode([int(ids[pos])])
 
 
 class SpikeReducer:
-    """Running per-layer maxima over texts, fed one layer's activation at a time."""
+    """Running per-layer maxima over texts, fed one layer's activation at a time (by a
+    bridge's hooks, or by module hooks on a model run layer by layer: it needs only the
+    layer count and the tokenizer that names a spike's token)."""
 
-    def __init__(self, model: TransformerBridge):
-        self.model = model
-        n = model.cfg.n_layers
+    def __init__(self, n_layers: int, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        n = n_layers
         self.post: list[Spike | None] = [None] * n
         self.out: list[Spike | None] = [None] * n
         self.resid: list[float | None] = [None] * n
@@ -154,7 +157,7 @@ class SpikeReducer:
         if best is not None and abs(value) <= best.magnitude:
             return None
         return Spike(
-            hook, value, text, offset + pos, channel, _token(self.model, ids, offset + pos)
+            hook, value, text, offset + pos, channel, _token(self.tokenizer, ids, offset + pos)
         )
 
     def result(self, prepend_bos: bool, texts: Sequence[Tensor]) -> ScanResult:
@@ -182,7 +185,7 @@ def scan(
     """Scan token sequences (BOS already prepended where the protocol wants it; the flag
     is recorded) with `fwd_hooks` active, e.g. ablations from `patching`."""
     check_texts(texts)
-    reducer = SpikeReducer(model)
+    reducer = SpikeReducer(model.cfg.n_layers, model.tokenizer)
     has_resid_mid = hook_resid_mid(0) in model.hook_dict
     for text, ids in enumerate(texts if len(texts) < 8 else bar(texts, desc="scan", unit="text")):
         # Ablations first: the reducer must see their effect.
@@ -237,7 +240,7 @@ def scan_with_cache(
     ``hook_post``, the down-projection's output, ``hook_mlp_out`` and ``hook_resid_mid``
     (memory grows with layers x tokens; use `scan` for long inputs)."""
     check_texts(texts)
-    reducer = SpikeReducer(model)
+    reducer = SpikeReducer(model.cfg.n_layers, model.tokenizer)
     names = {
         name(layer)
         for layer in range(model.cfg.n_layers)
@@ -317,7 +320,7 @@ def weight_spikes(
         if best is None or abs(seen.value) > abs(best[0]):
             best = (seen.value, seen.pos, seen.post, text)
     value, pos, post, text = best
-    token = _token(model, texts[text], pos)
+    token = _token(model.tokenizer, texts[text], pos)
     return (
         Spike(hook_post(coord.layer), post, text, pos, coord.col, token),
         Spike(hook_down_out(coord.layer), value, text, pos, coord.row, token),
@@ -353,7 +356,7 @@ def layer_activations(
         top[name] = (channels.tolist(), act[:, channels].tolist())
     return LayerActivations(
         layer=layer,
-        tokens=[_token(model, ids, pos) for pos in range(len(ids))],
+        tokens=[_token(model.tokenizer, ids, pos) for pos in range(len(ids))],
         post_channels=top[names[0]][0],
         post=top[names[0]][1],
         mlp_out_channels=top[names[1]][0],

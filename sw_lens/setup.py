@@ -1,7 +1,9 @@
 """What every job starts from: its configuration, the model, the corpus as tokens, the
 perplexity protocol and the scanned prompts, all loaded and checked before long work."""
 
+import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import pydantic
@@ -10,17 +12,31 @@ from jaxtyping import Int
 from pydantic import Field
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import AutoConfig
 
 from sw_lens.corpora import DEFAULT_CORPUS, NAMED, Corpus, load_corpus, tokenize
-from sw_lens.errors import SwLensError
+from sw_lens.errors import SwLensError, untrusted_files
 from sw_lens.locate import Criterion
-from sw_lens.models import DEFAULT_MODEL, DTYPES, EMBEDDED, LoadedModel, load_model
+from sw_lens.models import (
+    DEFAULT_MODEL,
+    DTYPES,
+    EMBEDDED,
+    LoadedModel,
+    load_model,
+    model_folder,
+    resolve_device,
+    resolve_dtype,
+)
 from sw_lens.options import Bos, PositiveInt, Seed, Text, Texts, keys, option, options_of
 from sw_lens.patching import check_coords
 from sw_lens.perplexity import Protocol, check_window
 from sw_lens.predictions import CASE_STUDY_PROMPT
+from sw_lens.resources import fits
 from sw_lens.search import SearchParameters
+from sw_lens.stream import StreamedModel, check_streamable, check_streamed_coords, open_streamed
 from sw_lens.vocabulary import Coordinate
+
+log = logging.getLogger(__name__)
 
 PAPER_PROMPT = "Apple Inc. is a worldwide tech company."
 
@@ -106,6 +122,13 @@ class LocateConfig:
     registry: Text | None = option(
         None, "registry TOML file (default: sw_lens's own)", group="locate"
     )
+    stream: Literal["auto", "on", "off"] = option(
+        "auto",
+        "read the model one decoder layer at a time from its safetensors checkpoint: when it "
+        "does not fit the device whole (auto), always (on) or never (off); the spike rule "
+        "then finds the super weights (the search needs the whole model)",
+        group="locate",
+    )
 
 
 # The options every experiment on super weights takes, and every run of a sweep file;
@@ -144,19 +167,26 @@ def token_budget(config: LocateConfig) -> int | None:
 
 @dataclass
 class Setup:
-    """A loaded model with its corpus, protocol and scan prompts: what every job starts from."""
+    """A loaded model with its corpus, protocol and scan prompts: what every job starts
+    from. The model is in memory (a bridge), or, for locate, streamed from its checkpoint
+    one decoder layer at a time (`sw_lens.stream`)."""
 
-    loaded: LoadedModel
+    loaded: LoadedModel | StreamedModel
     corpus: Corpus
     tokens: Int[Tensor, "n_tokens"]
     protocol: Protocol
     rank_protocol: Protocol  # the same with the ranking budget
     prompt_bos: bool  # whether prompts start with BOS (the corpus: `protocol.prepend_bos`)
     texts: list[Int[Tensor, "pos"]]  # the scanned prompts
+    streaming: str | None = None  # why the model is streamed; None: it is in memory
 
     @property
-    def model(self) -> TransformerBridge:
-        return self.loaded.bridge
+    def streamed(self) -> bool:
+        return self.streaming is not None
+
+    @property
+    def model(self) -> TransformerBridge | StreamedModel:
+        return self.loaded if self.streamed else self.loaded.bridge
 
 
 def load_configured_model(config: LocateConfig) -> LoadedModel:
@@ -166,11 +196,46 @@ def load_configured_model(config: LocateConfig) -> LoadedModel:
     )
 
 
-def load(config: LocateConfig) -> Setup:
-    """Load and check everything `config` names, before any long work starts."""
+def streaming_reason(config: LocateConfig) -> str | None:
+    """Why `config`'s model is to be streamed (`LocateConfig.stream`), or None: "auto"
+    streams an HF-format model (embedded, folder, hub id) that does not fit the device
+    whole; anything else loads in memory, which refuses in one line what does not fit."""
+    if config.stream != "auto":
+        return "--stream on" if config.stream == "on" else None
+    path = Path(config.model).expanduser()
+    local = config.model in EMBEDDED or path.is_dir()
+    if path.exists() and not local:  # a .gguf or nanoGPT file loads in memory
+        return None
+    try:
+        with untrusted_files(f"cannot read '{config.model}'"):
+            where = model_folder(config.model)[1] if local else config.model  # hub: config only
+            device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+            whole = fits(AutoConfig.from_pretrained(where), device, dtype)
+    except SwLensError:  # the in-memory load says, in one line, what is wrong
+        return None
+    return None if whole else f"the model does not fit {device} whole in {config.dtype}"
+
+
+def load(config: LocateConfig, streamable: bool = False) -> Setup:
+    """Load and check everything `config` names, before any long work starts; with
+    `streamable` (locate), a model is streamed when `config.stream` says so."""
     torch.manual_seed(config.seed)
-    loaded = load_configured_model(config)
-    check_coords(loaded.bridge, config.weights)
+    reason = streaming_reason(config) if streamable else None
+    if reason:
+        device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+        loaded = open_streamed(config.model, device, dtype)
+        log.info(
+            "streaming %s one decoder layer at a time from %s (%s)",
+            loaded.name,
+            loaded.folder,
+            reason,
+        )
+        check_streamed_coords(loaded, config.weights)
+        n_ctx, d_vocab = loaded.n_ctx, loaded.d_vocab
+    else:
+        loaded = load_configured_model(config)
+        check_coords(loaded.bridge, config.weights)
+        n_ctx, d_vocab = loaded.bridge.cfg.n_ctx, loaded.bridge.cfg.d_vocab
     protocol = Protocol(
         config.window,
         config.stride,
@@ -179,16 +244,18 @@ def load(config: LocateConfig) -> Setup:
         config.batch_size,
     )
     prompt_bos = resolve_bos(config.prompt_bos, loaded)
-    check_window(loaded.bridge, protocol)
+    check_window(n_ctx, protocol)
     corpus = load_corpus(config.text)
+    tokens = tokenize(loaded.tokenizer, corpus.text, d_vocab, token_budget(config))
+    if reason:
+        check_streamable(loaded, len(tokens), config.window, config.batch_size)
     return Setup(
         loaded=loaded,
         corpus=corpus,
-        tokens=tokenize(
-            loaded.tokenizer, corpus.text, loaded.bridge.cfg.d_vocab, token_budget(config)
-        ),
+        tokens=tokens,
         protocol=protocol,
         rank_protocol=replace(protocol, max_tokens=config.rank_tokens),
         prompt_bos=prompt_bos,
         texts=prompt_tokens(loaded, config.prompts, prompt_bos),
+        streaming=reason,
     )

@@ -15,6 +15,8 @@ def locate_summary(doc: Locate) -> str:
         f"\n{model.name} ({model.architecture}, {model.n_layers} layers), "
         f"scan of {scan.n_tokens} tokens, {bos}"
     )
+    if doc.execution and doc.execution.streamed:
+        lines.append(f"streamed ({doc.execution.why}): {doc.execution.description}")
     lines.append(
         f"{'layer':>5}  {'max |hook_post|':>15} {'ch':>5} {'token':<12} "
         f"{'max |hook_mlp_out|':>18} {'ch':>5} {'token':<12}"

@@ -75,7 +75,7 @@ def track_checkpoint(path: Path, config: LocateConfig, ppl: bool) -> tuple[dict,
         protocol = Protocol(  # BOS: the model's own convention
             config.window, config.stride, loaded.adds_bos, config.max_tokens, config.batch_size
         )
-        check_window(model, protocol)
+        check_window(model.cfg.n_ctx, protocol)
         corpus = load_corpus(config.text)
         budget = protocol.max_tokens and max(protocol.max_tokens, protocol.window)
         tokens = tokenize(loaded.tokenizer, corpus.text, model.cfg.d_vocab, budget)

@@ -23,3 +23,9 @@ def test_the_circuit_benchmark_runs_on_a_tiny_config():
     done = run_experiment("benchmarks/circuit.py", "--tiny", timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Circuit patching cost" in done.stdout and "attribution patching <= 3" in done.stdout
+
+
+def test_the_streaming_benchmark_runs_on_a_tiny_config():
+    done = run_experiment("benchmarks/stream.py", "--tiny", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Streamed vs in-memory" in done.stdout and "x unit" in done.stdout

@@ -8,9 +8,12 @@ independently loaded HF model (positions and channels exact, values to 1e-5); th
 ablation equals zeroing the HF weight (logits to 1e-5, float32); the planted weight is
 found at its exact coordinates; the checkpoint coordinate names a tensor entry holding
 the weight; the layer-major scan equals the scan or refuses; the prefix-reusing sweep
-equals one `evaluate` per ablation; patching a head and an MLP (circuits) equals the
-bridge's own hooks. The README's matrix is this file's table.
+equals one `evaluate` per ablation; the layer-streamed scan and perplexity
+(`sw_lens.stream`, read from the saved checkpoint) equal the in-memory ones; patching a
+head and an MLP (circuits) equals the bridge's own hooks. The README's matrix is this file's table.
 """
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +30,7 @@ from sw_lens.models import load_model
 from sw_lens.patching import ablation_hooks
 from sw_lens.perplexity import Protocol, evaluate, evaluate_sweep, windows
 from sw_lens.scan import scan
+from sw_lens.stream import StreamedModel, evaluate_streamed, scan_streamed
 from sw_lens.vocabulary import WeightCoord, down_proj_parameter, from_layout, to_layout
 
 COMMON = dict(vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=0)
@@ -228,6 +232,42 @@ def test_the_prefix_reusing_sweep_equals_one_evaluation_per_ablation(family):
     for ablation, result in zip(ablations, swept, strict=True):
         direct = evaluate(loaded.bridge, tokens, protocol, "t", ablation)
         assert result.nll == pytest.approx(direct.nll, rel=1e-6), (name, ablation)
+
+
+def streamed(loaded) -> StreamedModel:
+    return StreamedModel(
+        Path(loaded.location), loaded.tokenizer, torch.device("cpu"), torch.float32
+    )
+
+
+def test_the_streamed_scan_equals_the_scan(family):
+    name, loaded, _ = family
+    model = streamed(loaded)
+    assert model.down_proj_name(1) == down_proj_parameter(loaded.bridge, 1)[0]
+    texts = [ids(PROMPT + " and A b"), ids("b A")]
+    for ablation in ([], [PLANT]):
+        hooks = ablation_hooks(loaded.bridge, ablation)
+        expected = scan(loaded.bridge, texts, prepend_bos=False, fwd_hooks=hooks)
+        found = scan_streamed(model, texts, prepend_bos=False, ablation=ablation)
+        for a, b in zip(found.layers, expected.layers, strict=True):
+            for x, y in ((a.post, b.post), (a.mlp_out, b.mlp_out)):
+                assert (x.text, x.pos, x.channel, x.token) == (y.text, y.pos, y.channel, y.token)
+                assert x.value == pytest.approx(y.value, rel=1e-5, abs=1e-6), (name, a.layer)
+            assert a.cancels == b.cancels, (name, a.layer)
+
+
+def test_streamed_perplexity_equals_one_evaluation_per_ablation(family):
+    name, loaded, _ = family
+    tokens = torch.randint(0, 255, (96,), generator=torch.Generator().manual_seed(0))
+    protocol = Protocol(window=32, batch_size=2)
+    ablations = [[PLANT], [WeightCoord(3, 0, 0)], [WeightCoord(2, 7, 11), PLANT]]
+    baseline, ablated = evaluate_streamed(streamed(loaded), tokens, protocol, "t", ablations)
+    expected = evaluate(loaded.bridge, tokens, protocol, "t")
+    assert baseline.nll == pytest.approx(expected.nll, rel=1e-5), name
+    torch.testing.assert_close(baseline.token_nll, expected.token_nll, rtol=1e-5, atol=1e-6)
+    for ablation, result in zip(ablations, ablated, strict=True):
+        direct = evaluate(loaded.bridge, tokens, protocol, "t", ablation)
+        assert result.nll == pytest.approx(direct.nll, rel=1e-5), (name, ablation)
 
 
 @pytest.mark.parametrize("name", list(REFUSED))

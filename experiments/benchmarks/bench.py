@@ -12,10 +12,12 @@ same tokens, against a baseline measured in the same run.
 import argparse
 import gc
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
@@ -138,6 +140,32 @@ def peak_memory(fn: Callable[[], object], device) -> int:
     return peak
 
 
+def peak_resident(fn: Callable[[], object], device) -> int:
+    """Peak bytes while `fn` runs, above what was held before it: on CUDA the allocator's
+    peak; on the CPU the process's resident set, sampled every millisecond (the profiler's
+    running sum misses frees of tensors that safetensors hands over from a file)."""
+    if torch.device(device).type == "cuda":
+        return peak_memory(fn, device)
+    process = psutil.Process()
+    gc.collect()
+    before = peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.001):
+            peak = max(peak, process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak, process.memory_info().rss) - before
+
+
 def scan_memory(bridge, ids: torch.Tensor, chunk: int = 128):
     """Peak memory above the loaded model for a 1-text scan, four ways, in units of one
     layer's ``hook_post`` activation."""
@@ -219,6 +247,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--tiny", action="store_true", help="smoke run on a tiny random model")
     p.add_argument("--device", default="cpu")
+    return p
+
+
+def pass_parser(description: str) -> argparse.ArgumentParser:
+    """`parser`, with the setting of a perplexity pass on a real model."""
+    p = parser(description)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=2048, help="corpus tokens per pass")
+    p.add_argument("--repeats", type=int, default=3)
     return p
 
 

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench import byte_tokenizer, parser, prefix_reuse, scan_memory, table, throughput
+from bench import byte_tokenizer, pass_parser, prefix_reuse, scan_memory, table, throughput
 from transformers import AutoModelForCausalLM
 
 from experiments._cli import run
@@ -77,13 +77,8 @@ def report(bridge, reference, tokens, protocol, coord, scan_tokens, k, repeats) 
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--tokens", type=int, default=2048, help="corpus tokens per pass")
+    p = pass_parser(__doc__)
     p.add_argument("--layer", type=int, default=11, help="layer of the ablated weights")
-    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         name = tiny_model(Path(tmp)) if args.tiny else args.model
