@@ -48,15 +48,17 @@ from pathlib import Path
 
 from sw_lens.documents import KINDS, RunStatus, SweepPlan, validate
 from sw_lens.errors import SwLensError
-from sw_lens.options import check_table, one_line, options_of, to_argv
+from sw_lens.options import check_table, keys, one_line, options_of, to_argv
 from sw_lens.results import read_json, read_toml, write_atomic, write_json
 from sw_lens.setup import JOB, LocateConfig
 
 EXPERIMENTS = tuple(kind for kind, entry in KINDS.items() if entry.swept)
 # Run options: the job's options (`sw_lens.setup.JOB`), checked and passed as on the
-# command line of every experiment.
+# command line of every experiment; and locate's own (`--stream`, ...), passed to locate.
 OPTIONS = options_of(LocateConfig, JOB)
-RUN_KEYS = {"name", "experiments", "args", *JOB}
+LOCATE_ONLY = keys(LocateConfig, "locate")
+LOCATE_OPTIONS = options_of(LocateConfig, LOCATE_ONLY)
+RUN_KEYS = {"name", "experiments", "args", *JOB, *LOCATE_ONLY}
 STATUS = "status.json"
 
 
@@ -175,8 +177,11 @@ class Run:
         commands = []
         for experiment in self.experiments:
             argv = [python, "-m", f"experiments.{experiment}", "--out", str(folder)]
-            argv += to_argv(OPTIONS, self.options)
-            if experiment != "locate" and "locate" in self.experiments:
+            argv += to_argv(OPTIONS, {k: v for k, v in self.options.items() if k in JOB})
+            if experiment == "locate":
+                own = {k: v for k, v in self.options.items() if k in LOCATE_ONLY}
+                argv += to_argv(LOCATE_OPTIONS, own)
+            elif "locate" in self.experiments:
                 argv += ["--results", str(folder / "results.json")]
             commands.append(argv + self.args.get(experiment, []))
         return commands
@@ -204,7 +209,9 @@ def _slug(text: str) -> str:
 
 def _checked_options(options, where: str) -> dict:
     _unknown(_table(options, where), RUN_KEYS, where)
-    return check_table(OPTIONS, {k: v for k, v in options.items() if k in JOB}, where)
+    job = check_table(OPTIONS, {k: v for k, v in options.items() if k in JOB}, where)
+    own = {k: v for k, v in options.items() if k in LOCATE_ONLY}
+    return job | check_table(LOCATE_OPTIONS, own, where)
 
 
 def _checked_args(args, where: str) -> dict[str, list[str]]:

@@ -181,11 +181,12 @@ def test_a_typo_in_a_sweep_file_exits_2_and_writes_nothing(tmp_path):
         done = run_experiment("sweep.py", command, path)
         assert done.returncode == 2
         assert done.stderr.strip().endswith(
-            "did you mean 'dtype'? (valid: args, batch_size, bos, confirm_margin, device, "
-            "dtype, experiments, find, iterations, max_tokens, max_walk, min_ppl_ratio, "
-            "min_ratio, model, name, negligible, prompt, prompt_bos, rank_tokens, recall_sample, "
-            "search_k, seed, stop_run, stride, text, threshold, tokenizer, "
-            "trust_remote_code, weight, window)"
+            "did you mean 'dtype'? (valid: args, batch_size, bos, check_known, confirm_margin, "
+            "device, dtype, experiments, find, html_tokens, iterations, max_tokens, max_walk, "
+            "min_ppl_ratio, min_ratio, model, name, negligible, prediction_prompt, prompt, "
+            "prompt_bos, rank_tokens, recall_sample, registry, search_k, seed, stop_run, "
+            "stream, stride, text, threshold, tokenizer, top_channels, trust_remote_code, "
+            "weight, window)"
         )
         assert "Traceback" not in done.stderr and not out.exists()
 
@@ -222,6 +223,17 @@ def test_experiment_options_reach_only_their_experiment(tmp_path):
     assert "--n-largest" not in locate and "--bits" not in locate
     assert controls[-2:] == ["--n-largest", "129"] and "--bits" not in controls
     assert quantize[-2:] == ["--bits", "4"] and "--results" in quantize
+    path.write_text(
+        '[sweep]\nexperiments = ["locate", "controls"]\n'
+        '[[runs]]\nmodel = "gpt2"\nstream = "off"\nhtml_tokens = 64\n'
+    )
+    (run,) = load_sweep(path).runs
+    locate, controls = run.commands(tmp_path / "out", "python")
+    assert {"--stream=off", "--html-tokens=64"} <= set(locate)  # locate's own options
+    assert not any(word.startswith(("--stream", "--html")) for word in controls)
+    path.write_text('[[runs]]\nmodel = "gpt2"\nstream = "sometimes"\n')
+    with pytest.raises(SwLensError, match="'stream' must be 'auto', 'on' or 'off'"):
+        load_sweep(path)
     path.write_text('[[runs]]\nmodel = "gpt2"\nargs = { control = ["--draws", "3"] }\n')
     with pytest.raises(SwLensError, match=r"did you mean 'controls'\?"):
         load_sweep(path)
