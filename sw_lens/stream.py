@@ -85,10 +85,15 @@ class Checkpoint:
     def names(self) -> set[str]:
         return set(self.files)
 
-    def tensor(self, name: str) -> Tensor:
+    def tensor(self, name: str, index: tuple[int, int] | None = None) -> Tensor:
+        """Tensor `name`, or only its element at `index` (read alone: a weight of a 70B
+        model's down-projection without its 470 MB matrix)."""
         try:
             with safe_open(self.files[name], "pt") as f:
-                return f.get_tensor(name)
+                if index is None:
+                    return f.get_tensor(name)
+                i, j = index
+                return f.get_slice(name)[i : i + 1, j : j + 1][0, 0]
         except (OSError, SafetensorError) as err:
             raise SwLensError(f"cannot read '{name}' from {self.files[name]}: {err}") from None
 
@@ -295,8 +300,8 @@ class StreamedModel:
         check_streamed_coords(self, [coord])
         name = self.down_proj_name(coord.layer)
         linear = isinstance(self.down_proj[coord.layer], nn.Linear)
-        stored = self.checkpoint.tensor(self.keys[name]).to(self.dtype)
-        return float(stored[stored_index(coord, linear)]), name, linear
+        stored = self.checkpoint.tensor(self.keys[name], stored_index(coord, linear))
+        return float(stored.to(self.dtype)), name, linear
 
     def sweep(self, tokens, protocol: Protocol, corpus: str, ablations, desc: str):
         return evaluate_streamed(self, tokens, protocol, corpus, ablations, desc=desc)
