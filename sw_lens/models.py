@@ -128,8 +128,8 @@ def model_folder(name: str) -> tuple[str, Path]:
         return "local", path.resolve()
     if path.exists() or path.suffix in MODEL_SUFFIXES or name.startswith((".", "/", "~")):
         raise SwLensError(
-            f"'{name}' is not an HF-format folder of safetensors (a .gguf file or a nanoGPT "
-            f"checkpoint loads in memory only)"
+            f"'{name}' is neither an HF-format folder of safetensors nor a .gguf file (a "
+            f"nanoGPT checkpoint loads in memory only)"
         )
     meta = ["*.json", "*.model", "*.txt", "*.tiktoken"]  # config, tokenizer, shard index
     try:

@@ -204,13 +204,19 @@ def streaming_reason(config: LocateConfig) -> str | None:
         return "--stream on" if config.stream == "on" else None
     path = Path(config.model).expanduser()
     local = config.model in EMBEDDED or path.is_dir()
-    if path.exists() and not local:  # a .gguf or nanoGPT file loads in memory
+    gguf = path.is_file() and path.suffix == ".gguf"
+    if path.exists() and not (local or gguf):  # a nanoGPT checkpoint loads in memory
         return None
     try:
         with untrusted_files(f"cannot read '{config.model}'"):
-            where = model_folder(config.model)[1] if local else config.model  # hub: config only
+            if gguf:
+                hf_config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            else:  # a hub id: its config only, until it must stream
+                hf_config = AutoConfig.from_pretrained(
+                    model_folder(config.model)[1] if local else config.model
+                )
             device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
-            whole = fits(AutoConfig.from_pretrained(where), device, dtype)
+            whole = fits(hf_config, device, dtype)
     except SwLensError:  # the in-memory load says, in one line, what is wrong
         return None
     return None if whole else f"the model does not fit {device} whole in {config.dtype}"

@@ -4,7 +4,8 @@ A 70B model does not fit one GPU, but one of its decoder layers does (~1.7 GB in
 bfloat16), and so does the residual stream of a few thousand tokens. `StreamedModel`
 builds the HF model class on the meta device, materialises the embeddings, final norm
 and unembedding, and reads each decoder layer's tensors from the checkpoint only while
-that layer runs (safetensors are memory-mapped: a layer in the page cache costs a copy).
+that layer runs (safetensors are memory-mapped: a layer in the page cache costs a copy;
+a ``.gguf`` file's tensors are dequantized one at a time, `GGUFCheckpoint`).
 Every window's residual stream is kept between layers, so each layer is read once per
 pass over the whole text rather than once per batch.
 
@@ -31,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import set_module_tensor_to_device
 from jaxtyping import Float, Int
@@ -98,6 +100,48 @@ class Checkpoint:
             raise SwLensError(f"cannot read '{name}' from {self.files[name]}: {err}") from None
 
 
+class GGUFCheckpoint:
+    """A ``.gguf`` file's tensors under the model's parameter names, each dequantized when
+    it is read; llama.cpp's layout (Llama's permuted q/k rows, GPT-2's transposed
+    matrices, Gemma's norms stored as 1 + w) is undone by transformers' own tensor
+    processors, as its whole-file loader does."""
+
+    def __init__(self, path: Path, skeleton: nn.Module):
+        from gguf import GGUFReader, dequantize
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            load_gguf_checkpoint,
+            read_field,
+        )
+
+        self.path, self.dequantize = path, dequantize
+        reader = GGUFReader(path)
+        config = load_gguf_checkpoint(path)["config"]  # metadata only
+        architecture = read_field(reader, "general.architecture")[0]
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+        self.mapping = get_gguf_hf_weights_map(skeleton, self.processor)
+        self.mapping.setdefault("output.weight", "lm_head.weight")  # GPT-2's processor
+        self.entries = {self.mapping[t.name]: t for t in reader.tensors if t.name in self.mapping}
+
+    def names(self) -> set[str]:
+        return set(self.entries)
+
+    def tensor(self, name: str, index: tuple[int, int] | None = None) -> Tensor:
+        entry = self.entries[name]
+        parsed = {"tensors": {}}
+        result = self.processor.process(
+            weights=self.dequantize(entry.data, entry.tensor_type),
+            name=entry.name,
+            tensor_key_mapping=self.mapping,
+            parsed_parameters=parsed,
+        )
+        weights = parsed["tensors"][name] if result.name is None else result.weights
+        tensor = torch.from_numpy(np.copy(weights))  # the file's pages are read-only
+        return tensor if index is None else tensor[index]
+
+
 class _Recorded(Exception):
     """Raised once the last decoder layer's arguments are captured: the rest of the
     forward (final norm, unembedding) is not needed."""
@@ -133,7 +177,13 @@ class StreamedModel:
         self.device, self.dtype = device, dtype
         self.name, self.source = name or str(folder), source
         self.adds_bos = adds_bos(tokenizer)
-        self.config = AutoConfig.from_pretrained(self.folder)
+        gguf = self.folder.suffix == ".gguf"
+        self.config = (
+            AutoConfig.from_pretrained(self.folder.parent, gguf_file=self.folder.name)
+            if gguf
+            else AutoConfig.from_pretrained(self.folder)
+        )
+        self.config.__dict__.pop("quantization_config", None)  # dequantized as read
         text = self.config.get_text_config()
         self.n_ctx, self.d_vocab = text.max_position_embeddings, text.vocab_size
         self.skeleton = empty_model(self.config).eval()
@@ -141,8 +191,12 @@ class StreamedModel:
         self.parent, self.attr, self.prefix = self._layer_list()
         self.layers = getattr(self.parent, self.attr)
         self.down_proj = [self._down_proj(layer) for layer in self.layers]
-        self.checkpoint = Checkpoint(self.folder)
-        self.keys = self._checkpoint_keys()
+        if gguf:
+            self.checkpoint = GGUFCheckpoint(self.folder, self.skeleton)
+            self.keys = {name: name for name in self.checkpoint.names()}
+        else:
+            self.checkpoint = Checkpoint(self.folder)
+            self.keys = self._checkpoint_keys()
         self._check_complete()
         self._load(self.skeleton, "", skip=self.prefix)  # embeddings, final norm, unembedding
         self.skeleton.tie_weights()
@@ -433,8 +487,13 @@ def top_predictions(
 
 
 def open_streamed(name: str, device: torch.device, dtype: torch.dtype) -> StreamedModel:
-    """`name` (embedded, local folder or hub id) ready to stream, with its own tokenizer;
-    what it holds is checked before any layer is read."""
+    """`name` (embedded, local folder, hub id or ``.gguf`` file) ready to stream, with its
+    own tokenizer; what it holds is checked before any layer is read."""
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        with untrusted_files(f"cannot stream '{name}'"):
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            return StreamedModel(path.resolve(), tokenizer, device, dtype, name, "gguf")
     source, folder = model_folder(name)
     with untrusted_files(f"cannot stream '{name}'"):
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -30,7 +30,7 @@ from sw_lens.models import load_model
 from sw_lens.patching import ablation_hooks
 from sw_lens.perplexity import Protocol, evaluate, evaluate_sweep, windows
 from sw_lens.scan import scan
-from sw_lens.stream import StreamedModel, evaluate_streamed, scan_streamed
+from sw_lens.stream import StreamedModel, evaluate_streamed, open_streamed, scan_streamed
 from sw_lens.vocabulary import WeightCoord, down_proj_parameter, from_layout, to_layout
 
 COMMON = dict(vocab_size=VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=0)
@@ -329,3 +329,19 @@ def test_a_gguf_file_gives_the_same_model_and_the_same_finds(name, tmp_path):
     texts = [ids(PROMPT + " and A b")]
     from_folder = scan(load_model(str(folder), device="cpu").bridge, texts, prepend_bos=False)
     assert scan(loaded.bridge, texts, prepend_bos=False) == from_folder
+    # Streamed from the .gguf, dequantized one tensor at a time: the same numbers.
+    model = open_streamed(str(gguf_file), torch.device("cpu"), torch.float32)
+    assert model.weight(PLANT)[0] == 8.0
+    found = scan_streamed(model, texts, prepend_bos=False)
+    for a, b in zip(found.layers, from_folder.layers, strict=True):
+        assert (a.mlp_out.pos, a.mlp_out.channel, a.post.channel) == (
+            b.mlp_out.pos,
+            b.mlp_out.channel,
+            b.post.channel,
+        ), name
+        assert a.mlp_out.value == pytest.approx(b.mlp_out.value, rel=1e-5, abs=1e-6), name
+    tokens = torch.randint(0, 255, (64,), generator=torch.Generator().manual_seed(0))
+    protocol = Protocol(window=32, batch_size=2)
+    _, (ablated,) = evaluate_streamed(model, tokens, protocol, "t", [[PLANT]])
+    expected = evaluate(loaded.bridge, tokens, protocol, "t", [PLANT])
+    assert ablated.nll == pytest.approx(expected.nll, rel=1e-5), name

@@ -219,13 +219,15 @@ def test_auto_streams_a_model_that_does_not_fit(tmp_path, monkeypatch):
     ("args", "message"),
     [
         (["--check-known"], "--check-known needs the model in memory"),
-        (["--model", "weights.gguf"], "is not an HF-format folder of safetensors"),
+        (["--model", "weights.gguf"], "cannot stream"),  # not a GGUF file inside
+        (["--model", "ckpt.pt"], "is neither an HF-format folder of safetensors nor a .gguf"),
     ],
 )
 def test_what_cannot_stream_is_one_line(tmp_path, args, message):
     model = save(build("llama", [ONE]), tmp_path / "m")
     (tmp_path / "weights.gguf").write_bytes(b"GGUF")
-    args = [str(tmp_path / a) if a.endswith(".gguf") else a for a in args]
+    (tmp_path / "ckpt.pt").write_bytes(b"PK")
+    args = [str(tmp_path / a) if a.endswith((".gguf", ".pt")) else a for a in args]
     done = run_in_process(
         "locate.py",
         "--model",
