@@ -254,7 +254,8 @@ def load(config: LocateConfig, streamable: bool = False) -> Setup:
     corpus = load_corpus(config.text)
     tokens = tokenize(loaded.tokenizer, corpus.text, d_vocab, token_budget(config))
     if reason:
-        check_streamable(loaded, len(tokens), config.window, config.batch_size)
+        used = min(len(tokens), token_budget(config) or len(tokens))  # what a pass keeps
+        check_streamable(loaded, used, config.window, config.batch_size)
     return Setup(
         loaded=loaded,
         corpus=corpus,

@@ -29,7 +29,7 @@ ablation edits the layer's weights as they are read; the checkpoint is never wri
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -550,34 +550,31 @@ def evaluate_streamed(
 ) -> tuple[PerplexityResult, list[PerplexityResult]]:
     """A baseline and K ablations (each weight multiplied by `scale`), as
     `perplexity.evaluate_sweep` computes them, streaming layers from disk: the baseline
-    reads every layer once; an ablation whose earliest layer is L starts from the
-    baseline's residual stream entering L and reads layers L..n again."""
+    reads every layer once; an ablation whose earliest layer is L forks from the
+    baseline's residual stream entering L and reads layers L..n again, before the
+    baseline goes on. At most two residual streams exist at a time, whatever K."""
     for coords in ablations:
         check_streamed_coords(model, coords)
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
     batches = _prepared(model, cut, protocol, desc)
-    starts = sorted({min(c.layer for c in a) for a in ablations if a})
-    kept: dict[int, list[Tensor]] = {}
+    forking: dict[int, list[int]] = {}  # layer -> the ablations that start there
+    for k, coords in enumerate(ablations):
+        if coords:
+            forking.setdefault(min(c.layer for c in coords), []).append(k)
+    ablated: list[PerplexityResult | None] = [None] * len(ablations)
     with torch.inference_mode():
         for index in bar(range(model.n_layers), desc=f"{desc}: baseline", unit="layer"):
-            if index in starts:
-                kept[index] = [b.resid.clone() for b in batches]
+            for k in forking.get(index, []):
+                fork = [replace(b, resid=b.resid.clone()) for b in batches]
+                edits = scaled_weights(model, ablations[k], scale)
+                for layer in bar(
+                    range(index, model.n_layers), desc=f"{desc}: ablation {k + 1}", unit="layer"
+                ):
+                    model.run_layer(layer, fork, edits)
+                ablated[k] = _scored(model, fork, cut, protocol, corpus)
             model.run_layer(index, batches)
-        results = [_scored(model, batches, cut, protocol, corpus)]
-        for k, coords in enumerate(ablations, start=1):
-            if not coords:  # nothing ablated: the baseline
-                results.append(results[0])
-                continue
-            start = min(c.layer for c in coords)
-            for b, resid in zip(batches, kept[start], strict=True):
-                b.resid = resid.clone()
-            edits = scaled_weights(model, coords, scale)
-            for index in bar(
-                range(start, model.n_layers), desc=f"{desc}: ablation {k}", unit="layer"
-            ):
-                model.run_layer(index, batches, edits)
-            results.append(_scored(model, batches, cut, protocol, corpus))
-    return results[0], results[1:]
+        baseline = _scored(model, batches, cut, protocol, corpus)
+    return baseline, [baseline if a is None else a for a in ablated]
 
 
 def scan_streamed(
@@ -635,10 +632,11 @@ def _reducer_hooks(model: StreamedModel, reducer: SpikeReducer, texts, index: in
 
 def streaming_bytes(model: StreamedModel, n_tokens: int, window: int, batch_size: int) -> int:
     """Memory a streamed run holds at its peak: one decoder layer, the model's other
-    weights (embeddings, final norm, unembedding), every token's residual stream, and one
-    batch's activations inside a layer (the MLP's three d_mlp-wide tensors) or at the
-    unembedding (a chunk of logits and its temporaries)."""
-    residual = n_tokens * model.config.get_text_config().hidden_size * model.itemsize()
+    weights (embeddings, final norm, unembedding), every token's residual stream (twice
+    while an ablation forks from it), and one batch's activations inside a layer (the
+    MLP's three d_mlp-wide tensors) or at the unembedding (a chunk of logits and its
+    temporaries)."""
+    residual = 2 * n_tokens * model.config.get_text_config().hidden_size * model.itemsize()
     positions = batch_size * window
     logits = min(LOGIT_CHUNK, positions * model.d_vocab)
     activations = max(positions * 3 * model.d_mlp(), 3 * logits) * 4

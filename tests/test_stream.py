@@ -3,6 +3,7 @@ checked first, and a model too large to load in memory still runs. (Equality wit
 in-memory scan and perplexity on every family: tests/test_coverage.py.)"""
 
 import json
+from collections import Counter
 from dataclasses import astuple
 
 import pytest
@@ -140,8 +141,8 @@ def test_streaming_reads_each_layer_once_per_pass_and_leaves_none_loaded(tmp_pat
     evaluate_streamed(model, TOKENS, PROTOCOL, "t", [[PLANTED], [WeightCoord(3, 0, 0)]])
     down = [n for n in reads if n.endswith("mlp.down_proj.weight")]
     n = model.n_layers  # the baseline reads every layer; each ablation from its own on
-    expected = [*range(n), *range(PLANTED.layer, n), *range(3, n)]
-    assert [int(name.split(".")[2]) for name in down] == expected
+    expected = Counter([*range(n), *range(PLANTED.layer, n), *range(3, n)])
+    assert Counter(int(name.split(".")[2]) for name in down) == expected
     assert all(p.device.type == "meta" for layer in model.layers for p in layer.parameters())
     scan_streamed(model, [TOKENS[:16]], prepend_bos=False)
     assert all(p.device.type == "meta" for layer in model.layers for p in layer.parameters())
@@ -197,8 +198,7 @@ def test_auto_streams_a_model_that_does_not_fit(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(LOCATE_CORPUS)
     whole = resources.parameter_count(build("llama").config) * 4 * resources.OVERHEAD
-    n_tokens = len(byte_tokenizer()(LOCATE_CORPUS)["input_ids"])  # at most what is read
-    need = streaming_bytes(streamed(model), n_tokens, window=32, batch_size=1)
+    need = streaming_bytes(streamed(model), n_tokens=128, window=32, batch_size=1)  # as run
     assert need < whole
     monkeypatch.setattr(resources, "available_bytes", lambda device: (need + whole) / 2)
     done = run_in_process(
