@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -35,10 +35,14 @@ def top_predictions(
     """The k most likely next tokens after `ids`, with their probabilities."""
     with torch.inference_mode(), model.hooks(fwd_hooks=list(fwd_hooks)):
         logits = model(ids[None].to(model.cfg.device), return_type="logits")[0, -1]
-    probs = logits.float().softmax(-1)
-    top = probs.topk(k)
+    return top_tokens(model.tokenizer, logits, k)
+
+
+def top_tokens(tokenizer, logits: Float[Tensor, "d_vocab"], k: int) -> list[dict]:
+    """The k most likely tokens of one position's `logits`, with their probabilities."""
+    top = logits.float().softmax(-1).topk(k)
     return [
-        {"token": model.tokenizer.decode([int(i)]), "token_id": int(i), "prob": float(p)}
+        {"token": tokenizer.decode([int(i)]), "token_id": int(i), "prob": float(p)}
         for p, i in zip(top.values, top.indices, strict=True)
     ]
 

@@ -53,6 +53,7 @@ from sw_lens.fast import empty_model
 from sw_lens.layer_major import mlp_sublayer
 from sw_lens.models import adds_bos, model_folder
 from sw_lens.perplexity import IGNORE, PerplexityResult, Protocol, batches_on, measured, windows
+from sw_lens.predictions import top_tokens
 from sw_lens.progress import bar
 from sw_lens.resources import GIB
 from sw_lens.scan import ScanResult, SpikeReducer, check_texts
@@ -421,6 +422,11 @@ class StreamedModel:
             handle.remove()
         return kept["hidden"]
 
+    def softcapped(self, logits: Tensor) -> Tensor:
+        """The model's final logit softcapping (Gemma 2), applied as its forward does."""
+        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
     def token_nll(self, batch: Batch) -> Float[Tensor, "n_scored"]:
         """Each scored token's NLL, the unembedding taken a few vocabulary rows at a time
         (`LOGIT_CHUNK` logits) with a running log-sum-exp (and the model's final logit
@@ -431,16 +437,13 @@ class StreamedModel:
         h = hidden.flatten(0, 1)[scored]
         wanted = targets[scored]
         output = self.skeleton.get_output_embeddings()
-        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
         lse = torch.full((len(h),), -torch.inf, device=self.device)
         target_logit = torch.zeros(len(h), device=self.device)
         step = max(1, LOGIT_CHUNK // max(1, len(h)))
         for start in range(0, output.weight.shape[0], step):
             rows = slice(start, start + step)
             bias = output.bias[rows] if getattr(output, "bias", None) is not None else None
-            logits = nn.functional.linear(h, output.weight[rows], bias).float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
+            logits = self.softcapped(nn.functional.linear(h, output.weight[rows], bias).float())
             lse = torch.logaddexp(lse, logits.logsumexp(-1))
             inside = (wanted >= start) & (wanted < start + logits.shape[1])
             picked = logits.gather(1, (wanted - start).clamp(0, logits.shape[1] - 1)[:, None])
@@ -475,15 +478,8 @@ def top_predictions(
         for index in range(model.n_layers):
             model.run_layer(index, [batch], edits)
         hidden = model.final_hidden(batch)[0, -1]
-        logits = model.skeleton.get_output_embeddings()(hidden).float()
-        cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-    top = logits.softmax(-1).topk(k)
-    return [
-        {"token": model.tokenizer.decode([int(i)]), "token_id": int(i), "prob": float(p)}
-        for p, i in zip(top.values, top.indices, strict=True)
-    ]
+        logits = model.softcapped(model.skeleton.get_output_embeddings()(hidden).float())
+    return top_tokens(model.tokenizer, logits, k)
 
 
 def open_streamed(name: str, device: torch.device, dtype: torch.dtype) -> StreamedModel:
