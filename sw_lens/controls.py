@@ -21,7 +21,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from sw_lens.errors import SwLensError
 from sw_lens.patching import by_layer, check_coords, weight_value
 from sw_lens.perplexity import PerplexityResult, Protocol, evaluate_sweep
-from sw_lens.vocabulary import WeightCoord
+from sw_lens.vocabulary import WeightCoord, w_out
 
 
 def _coord(layer: int, flat: int, d_model: int) -> WeightCoord:
@@ -41,7 +41,8 @@ def largest_weights(
     best: list[tuple[float, WeightCoord]] = []
     d_model = model.cfg.d_model
     for layer in range(model.cfg.n_layers):
-        magnitude = model.blocks[layer].mlp.W_out.detach().abs().flatten()
+        with w_out(model, layer) as weight:
+            magnitude = weight.detach().abs().flatten()
         top = magnitude.topk(min(n + len(excluded), magnitude.numel()))
         best += [
             (float(v), _coord(layer, int(i), d_model))
@@ -65,7 +66,8 @@ def magnitude_matched(
     generator = torch.Generator().manual_seed(seed)
     candidates = []
     for layer, coords in by_layer(super_weights).items():
-        w = model.blocks[layer].mlp.W_out.detach().float().cpu().flatten()
+        with w_out(model, layer) as weight:
+            w = weight.detach().float().cpu().flatten().clone()
         for c in coords:
             target = abs(float(w[c.col * model.cfg.d_model + c.row]))
             order = ((w.abs() - target).abs()).argsort()

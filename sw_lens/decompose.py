@@ -16,7 +16,14 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.patching import ablation_hooks, check_coords
-from sw_lens.vocabulary import WeightCoord, hook_down_out, hook_post, hook_resid_post
+from sw_lens.vocabulary import (
+    WeightCoord,
+    b_out,
+    hook_down_out,
+    hook_post,
+    hook_resid_post,
+    w_out,
+)
 
 ONE_WEIGHT = 0.5  # top-1 product's share of the spike to call it one weight
 BIAS = 0.5  # bias share to call it bias-made
@@ -63,10 +70,10 @@ def decompose(
     post = cache[hook_post(layer)][0].double()
     out = cache[hook_down_out(layer)][0, :, row].double()
     pos = int(out.abs().argmax()) if pos is None else pos
-    mlp = model.blocks[layer].mlp
-    column = mlp.W_out.detach()[:, row].double()
-    bias = getattr(mlp, "b_out", None)
-    bias = 0.0 if bias is None else float(bias.detach()[row])
+    with w_out(model, layer) as weight:
+        column = weight.detach()[:, row].double()
+        bias = b_out(model, layer)
+        bias = 0.0 if bias is None else float(bias.detach()[row])
     products = post[pos] * column
     total = float(out[pos])
     # Largest first in the direction of the output: the top-k shares then only grow

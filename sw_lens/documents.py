@@ -57,6 +57,7 @@ class ModelInfo(Strict):
     n_layers: Count
     d_model: Count
     d_mlp: Count
+    device_map: dict[str, str] | None = None  # module -> device, where one placed it
 
 
 class PerplexityResult(Strict):

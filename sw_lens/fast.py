@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from sw_lens.errors import SwLensError
 from sw_lens.patching import EditedColumns, edit_hooks
+from sw_lens.placement import is_dispatched, share_placement
 from sw_lens.vocabulary import down_proj_parameter
 
 _TWINS: "weakref.WeakKeyDictionary[TransformerBridge, PreTrainedModel]" = (
@@ -48,23 +49,28 @@ def empty_model(config) -> PreTrainedModel:
 
 def hf_twin(model: TransformerBridge) -> PreTrainedModel:
     """The plain HF model over the bridge's parameters, with ``sdpa`` attention where the
-    architecture has it; built once per bridge."""
+    architecture has it; built once per bridge. A model dispatched by a device map lends
+    the twin its own modules and hooks (`placement.share_placement`)."""
     if model in _TWINS:
         return _TWINS[model]
     original = model.original_model
     config = copy.deepcopy(original.config)
     config.__dict__.pop("quantization_config", None)  # GGUF: the weights are dequantized
     twin = empty_model(config)
-    state = {
-        name.replace("._original_component", ""): tensor
-        for name, tensor in original.state_dict(keep_vars=True).items()
-    }
-    missing = twin.load_state_dict(state, strict=False, assign=True).missing_keys
-    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if is_dispatched(original):
+        missing = share_placement(original, twin)
+    else:
+        state = {
+            name.replace("._original_component", ""): tensor
+            for name, tensor in original.state_dict(keep_vars=True).items()
+        }
+        missing = twin.load_state_dict(state, strict=False, assign=True).missing_keys
+        missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+        twin.tie_weights()
+        twin.to(model.cfg.device)
     if missing:
         raise SwLensError(f"cannot build the fast evaluation model: missing {missing[:4]}")
-    twin.tie_weights()
-    twin.to(model.cfg.device).eval()
+    twin.eval()
     _TWINS[model] = twin
     return twin
 
@@ -111,9 +117,10 @@ def frozen_parameters(twin: PreTrainedModel) -> Iterator[None]:
             p.requires_grad_(False)
         yield
     finally:
-        for p, flag in params.items():
-            p.requires_grad_(flag)
-            p.grad = None
+        with torch.inference_mode():  # placeholders of offloaded weights made in it
+            for p, flag in params.items():
+                p.requires_grad_(flag)
+                p.grad = None
 
 
 @contextmanager

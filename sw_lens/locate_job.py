@@ -326,6 +326,7 @@ def run_locate(config: LocateConfig) -> Locate:
                     "stream kept between layers (sw_lens.stream)"
                     if setup.streamed
                     else "the whole model in memory"
+                    + (", placed by accelerate's device map" if setup.loaded.device_map else "")
                 ),
             },
         }

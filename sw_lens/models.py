@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -36,6 +37,13 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from sw_lens import nanogpt
 from sw_lens.errors import SwLensError, first_line, untrusted_files
 from sw_lens.packaged import package_file
+from sw_lens.placement import (
+    DeviceMap,
+    check_covers,
+    check_device_map,
+    execution_device,
+    realized_map,
+)
 from sw_lens.resources import check_count, check_fits
 from sw_lens.vocabulary import (
     WeightCoord,
@@ -88,6 +96,8 @@ class LoadedModel:
     iter_num: int | None  # training step, for nanoGPT checkpoints
     # (layer, row, col) -> (parameter name, index) in the checkpoint file's own layout
     checkpoint_weight: Callable[[int, int, int], tuple[str, tuple[int, int]]]
+    # module -> device where a device map placed the model (`device` is the embedding's)
+    device_map: dict[str, str] | None = None
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -106,7 +116,7 @@ class LoadedModel:
             "d_mlp": cfg.d_mlp,
             "n_ctx": cfg.n_ctx,
             "iter_num": self.iter_num,
-        }
+        } | ({"device_map": self.device_map} if self.device_map else {})
 
 
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -252,10 +262,16 @@ def _check_architecture(config, name: str) -> None:
 
 
 def _load_pretrained(
-    location: str, name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool
+    location: str,
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    placement: dict | None = None,
 ):
     """A hub id or HF-format directory; hub ids resolve through the HF cache. The memory it
-    needs is checked from its config before any weight is read."""
+    needs is checked from its config before any weight is read, unless `placement`
+    (``from_pretrained``'s device_map arguments) leaves that to accelerate's planner."""
     config_file = Path(location) / "config.json"
     with untrusted_files(f"cannot load '{name}' (config.json)"):  # of wrong types, say
         try:
@@ -280,10 +296,13 @@ def _load_pretrained(
             raise SwLensError(f"cannot load '{name}': {first_line(err)}") from None
     with untrusted_files(f"cannot load '{name}'"):
         _check_architecture(config, name)
-        check_fits(config, name, device, dtype, trust_remote_code)
+        if placement is None:
+            check_fits(config, name, device, dtype, trust_remote_code)
+        elif isinstance(placement["device_map"], dict):
+            check_covers(placement["device_map"], config, trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, trust_remote_code=trust_remote_code
+            location, dtype=dtype, trust_remote_code=trust_remote_code, **(placement or {})
         )
     return model, tokenizer
 
@@ -305,17 +324,29 @@ def load_model(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     tokenizer_name: str | None = None,
+    device_map: DeviceMap | None = None,
 ) -> LoadedModel:
     """Load `name` (embedded name, ``.gguf`` file, nanoGPT ``.pt`` checkpoint, HF
     directory or hub id) as a bridge in eval mode, with raw (unprocessed) weights, on
-    `device` in `dtype`. `tokenizer_name` is for nanoGPT checkpoints (meta.pkl or an HF
+    `device` in `dtype`, or spread by `device_map` (`placement.parse_device_map`; HF
+    formats only; offloaded weights live in a temporary folder or are read from the
+    checkpoint). `tokenizer_name` is for nanoGPT checkpoints (meta.pkl or an HF
     tokenizer); other sources carry their own."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     path = Path(name).expanduser()
-    iter_num, checkpoint_weight = None, None
+    iter_num, checkpoint_weight, placement, offload = None, None, None, None
+    if device_map is not None:
+        if device != "auto":
+            raise SwLensError(f"give a device ('{device}') or a device map, not both")
+        if path.is_file():
+            raise SwLensError(f"a device map needs an HF-format model; '{name}' is a file")
+        offload = tempfile.TemporaryDirectory(prefix="sw_lens-offload-")
+        placement = {"device_map": check_device_map(device_map), "offload_folder": offload.name}
     if name in EMBEDDED:
         source, location = "embedded", str(_embedded_snapshot(name))
-        model, tokenizer = _load_pretrained(location, name, torch_device, torch_dtype, False)
+        model, tokenizer = _load_pretrained(
+            location, name, torch_device, torch_dtype, False, placement
+        )
     elif path.is_file() and path.suffix == ".gguf":
         source, location = "gguf", str(path.resolve())
         model, tokenizer = _load_gguf(path, torch_dtype)
@@ -330,7 +361,7 @@ def load_model(
             raise SwLensError(f"'{name}' is not a model directory: no config.json (found: {found})")
         source, location = "local", str(path.resolve())
         model, tokenizer = _load_pretrained(
-            location, name, torch_device, torch_dtype, trust_remote_code
+            location, name, torch_device, torch_dtype, trust_remote_code, placement
         )
     elif path.exists():
         raise SwLensError(
@@ -342,9 +373,14 @@ def load_model(
     else:
         source, location = "hub", name
         model, tokenizer = _load_pretrained(
-            name, name, torch_device, torch_dtype, trust_remote_code
+            name, name, torch_device, torch_dtype, trust_remote_code, placement
         )
-    model = model.to(device=torch_device, dtype=torch_dtype).eval()
+    if placement is None:
+        model = model.to(device=torch_device, dtype=torch_dtype)
+    else:  # accelerate placed it; inputs go where the embedding computes
+        torch_device = execution_device(model.get_input_embeddings())
+        weakref.finalize(model, offload.cleanup)  # what it offloaded lives as long as it
+    model.eval()
     _name_architecture(model.config)  # what the bridge reads, whatever the source said
     # The bridge reloads the tokenizer with add_bos_token=True; remember the model's own
     # convention first (Llama: BOS; GPT-2, SmolLM2: none), the default of our protocols.
@@ -354,6 +390,8 @@ def load_model(
             location, hf_model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype
         )
     bridge.eval()
+    if placement:  # the bridge takes the embedding weight's device: meta if offloaded
+        bridge.cfg.device = str(torch_device)
     _check_hooks(bridge, name)
     return LoadedModel(
         bridge,
@@ -365,6 +403,7 @@ def load_model(
         bos,
         iter_num,
         checkpoint_weight or _hf_checkpoint_weight(bridge),
+        realized_map(model) if placement else None,
     )
 
 

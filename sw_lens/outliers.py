@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from sw_lens.patching import weight_value
-from sw_lens.vocabulary import WeightCoord
+from sw_lens.vocabulary import WeightCoord, w_out
 
 
 @dataclass
@@ -32,10 +31,11 @@ class WeightDistribution:
 def weight_distribution(
     model: TransformerBridge, coord: WeightCoord, bins: int = 201
 ) -> WeightDistribution:
-    w_out = model.blocks[coord.layer].mlp.W_out.detach().double()
-    value = weight_value(model, coord)
-    mean, std = float(w_out.mean()), float(w_out.std())
-    counts, edges = torch.histogram(w_out.flatten().cpu(), bins=bins)
+    with w_out(model, coord.layer) as weight:
+        matrix = weight.detach().double()
+    value = float(matrix[coord.col, coord.row])
+    mean, std = float(matrix.mean()), float(matrix.std())
+    counts, edges = torch.histogram(matrix.flatten().cpu(), bins=bins)
     return WeightDistribution(
         layer=coord.layer,
         row=coord.row,
@@ -44,8 +44,8 @@ def weight_distribution(
         mean=mean,
         std=std,
         z_score=(value - mean) / std,
-        rank=int((w_out.abs() > abs(value)).sum()) + 1,
-        n_weights=w_out.numel(),
+        rank=int((matrix.abs() > abs(value)).sum()) + 1,
+        n_weights=matrix.numel(),
         edges=edges.tolist(),
         counts=[int(c) for c in counts],
     )

@@ -14,13 +14,14 @@ rather than subtracting ``w * post[..., col]`` matters: a super weight's product
 ~1e-4 where the edited model has ~1e-7. Users can pass the list to ``run_with_hooks`` /
 ``model.hooks(...)`` in their own analyses.
 `edited_weights` writes into ``W_out`` (a view of the HF weight) and restores the saved
-values bit-for-bit on exit, also when the body raises.
+values bit-for-bit on exit, also when the body raises. Where a device map offloads a
+layer, its weights stay loaded for the block and the stored copy is never written.
 """
 
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from einops import einsum
@@ -30,7 +31,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import SwLensError
-from sw_lens.vocabulary import WeightCoord, hook_down_out, hook_post
+from sw_lens.vocabulary import WeightCoord, b_out, hook_down_out, hook_post, w_out
 
 FwdHook = tuple[str, Callable]
 
@@ -48,7 +49,8 @@ def check_coords(model: TransformerBridge, coords: Iterable[WeightCoord]) -> Non
 
 
 def weight_value(model: TransformerBridge, coord: WeightCoord) -> float:
-    return float(model.blocks[coord.layer].mlp.W_out.detach()[coord.col, coord.row])
+    with w_out(model, coord.layer) as weight:
+        return float(weight.detach()[coord.col, coord.row])
 
 
 def by_layer(coords: Iterable[WeightCoord]) -> dict[int, list[WeightCoord]]:
@@ -80,14 +82,14 @@ class EditedColumns:
         scale: float,
         restore_above: Mapping[int, float] | None = None,
     ):
-        mlp = model.blocks[layer].mlp
         rows = sorted({c.row for c in coords})
         index = {row: i for i, row in enumerate(rows)}
-        self.columns: Float[Tensor, "d_mlp n_rows"] = mlp.W_out.detach()[:, rows].clone()
+        with w_out(model, layer) as weight:
+            self.columns: Float[Tensor, "d_mlp n_rows"] = weight.detach()[:, rows].clone()
+            bias = b_out(model, layer)
+            self.bias = None if bias is None else bias.detach()[rows].clone()
         for c in coords:
             self.columns[c.col, index[c.row]] *= scale
-        bias = getattr(mlp, "b_out", None)
-        self.bias = None if bias is None else bias.detach()[rows].clone()
         self.rows = torch.tensor(rows, device=self.columns.device)
         restore_above = restore_above or {}
         self.thresholds = (
@@ -177,13 +179,17 @@ def edited_weights(
     the original values are written back bit-for-bit on exit, whatever happened inside."""
     coords = sorted(set(coords))
     check_coords(model, coords)
-    saved = [(c, model.blocks[c.layer].mlp.W_out[c.col, c.row].clone()) for c in coords]
-    try:
-        with torch.no_grad():
-            for c, value in saved:
-                model.blocks[c.layer].mlp.W_out[c.col, c.row] = value * scale
-        yield
-    finally:
-        with torch.no_grad():
-            for c, value in saved:
-                model.blocks[c.layer].mlp.W_out[c.col, c.row] = value
+    with ExitStack() as stack:
+        weights = {
+            layer: stack.enter_context(w_out(model, layer)) for layer in {c.layer for c in coords}
+        }
+        saved = [(c, weights[c.layer][c.col, c.row].clone()) for c in coords]
+        try:
+            with torch.no_grad():
+                for c, value in saved:
+                    weights[c.layer][c.col, c.row] = value * scale
+            yield
+        finally:
+            with torch.no_grad():
+                for c, value in saved:
+                    weights[c.layer][c.col, c.row] = value

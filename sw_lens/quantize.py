@@ -18,7 +18,7 @@ and restores the saved originals bit-for-bit on exit, whatever happened inside.
 """
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import SwLensError
 from sw_lens.patching import by_layer, check_coords
+from sw_lens.placement import resident
 from sw_lens.vocabulary import WeightCoord, down_proj_parameter
 
 METHODS = ("plain", "clipped", "clipped + super weight")
@@ -140,22 +141,26 @@ def quantized(
 ) -> Iterator[list[str]]:
     """Write `scheme`'s dequantized weights into the model's down-projections (or all its
     decoder linear layers) while the block runs; yields the parameter names. The
-    originals are restored bit-for-bit on exit, also on an exception or Ctrl-C."""
+    originals are restored bit-for-bit on exit, also on an exception or Ctrl-C. Where a
+    device map offloads decoder layers, they stay loaded while the block runs."""
     check_coords(model, super_weights)
     names = target_parameters(model, all_linear)
     keep: dict[str, list[tuple[int, int]]] = {}
     for layer, coords in by_layer(super_weights).items():
         name, transposed = down_proj_parameter(model, layer)
         keep[name] = [(c.row, c.col) if transposed else (c.col, c.row) for c in coords]
-    every = hf_parameters(model)
-    params = {name: every[name] for name in names}
-    saved = {name: p.detach().clone() for name, p in params.items()}
-    try:
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(quantize_weight(saved[name], scheme, keep.get(name, ())))
-        yield names
-    finally:
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name])
+    with ExitStack() as stack:
+        for block in model.blocks:
+            stack.enter_context(resident(block))
+        every = hf_parameters(model)
+        params = {name: every[name] for name in names}
+        saved = {name: p.detach().clone() for name, p in params.items()}
+        try:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(quantize_weight(saved[name], scheme, keep.get(name, ())))
+            yield names
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name])

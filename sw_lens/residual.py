@@ -17,6 +17,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.patching import ablation_hooks
+from sw_lens.placement import execution_device
 from sw_lens.vocabulary import WeightCoord, hook_attn_out, hook_mlp_out, hook_resid_post
 
 # The massive activation is "there" while the channel keeps this share of its peak; a
@@ -80,8 +81,10 @@ def _run(
     wanted = {name for group in names.values() for name in group}
     with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
         _, cache = model.run_with_cache(ids, names_filter=lambda name: name in wanted)
+        lens = execution_device(model.ln_final.original_component)  # layers' may differ
         rows = {
-            key: torch.stack([cache[h][0, position] for h in group]) for key, group in names.items()
+            key: torch.stack([cache[h][0, position].to(lens) for h in group])
+            for key, group in names.items()
         }
         logits = model.unembed(model.ln_final(rows["resid"][:, None, :]))[:, 0]
     return rows | {"lens": logits.argmax(-1)}

@@ -28,6 +28,7 @@ measured again on the reported budget, which decides whether they are super (a
 
 import logging
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 
 import pydantic
@@ -52,7 +53,7 @@ from sw_lens.perplexity import (
     window_batches,
     windows,
 )
-from sw_lens.vocabulary import WeightCoord, down_proj_parameter
+from sw_lens.vocabulary import WeightCoord, down_proj_parameter, w_out
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +191,19 @@ def squared_gradients(
     one forward and one backward pass per window, with gradients for the down-projection
     weights only (every other parameter's ``requires_grad`` is off while this runs and is
     put back after, as are the gradients). Memory: one window's activations for the
-    backward pass, plus one float32 copy of the down-projection weights."""
+    backward pass, plus one float32 copy of the down-projection weights (and, where a
+    device map offloads them, the weights themselves, loaded for the whole pass)."""
     twin = hf_twin(model)
     downs = [down_proj_parameter(model, layer) for layer in range(model.cfg.n_layers)]
-    weights = [twin.get_parameter(name) for name, _ in downs]
-    totals = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
     one_at_a_time = replace(protocol, batch_size=1)
-    with frozen_parameters(twin), torch.enable_grad():
+    with ExitStack() as stack:
+        stack.enter_context(frozen_parameters(twin))
+        for layer in range(model.cfg.n_layers):
+            stack.enter_context(w_out(model, layer))
+        stack.enter_context(torch.enable_grad())
+        weights = [twin.get_parameter(name) for name, _ in downs]
+        totals = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
         for w in weights:
             w.requires_grad_(True)
         for input_ids, targets in window_batches(cut, one_at_a_time, model.cfg.device, "saliency"):
@@ -267,7 +273,10 @@ class Screen:
             low = below / 10 ** (band + 1) if band < BANDS - 1 else -1.0
             want = n // BANDS + (band < n % BANDS)
             counts = torch.tensor(
-                [self._in_band(layer, low, high).sum() for layer in range(self.model.cfg.n_layers)],
+                [
+                    int(self._in_band(layer, low, high).sum())
+                    for layer in range(self.model.cfg.n_layers)
+                ],
                 dtype=torch.float64,
             )
             for _ in range(want if counts.sum() else 0):
@@ -282,14 +291,16 @@ class Screen:
 
 def contribution_screen(model: TransformerBridge, maxima: list[Tensor]) -> Screen:
     def scores(layer: int) -> Tensor:
-        return model.blocks[layer].mlp.W_out.detach().abs().float() * maxima[layer][:, None]
+        with w_out(model, layer) as weight:
+            return weight.detach().abs().float() * maxima[layer][:, None]
 
     return Screen("contribution", model, scores)
 
 
 def saliency_screen(model: TransformerBridge, squared: list[Tensor]) -> Screen:
     def scores(layer: int) -> Tensor:
-        return 0.5 * model.blocks[layer].mlp.W_out.detach().float() ** 2 * squared[layer]
+        with w_out(model, layer) as weight:
+            return 0.5 * weight.detach().float() ** 2 * squared[layer]
 
     return Screen("saliency", model, scores)
 

@@ -58,6 +58,15 @@ class LocateConfig:
         [PAPER_PROMPT], "text to scan for spikes; repeat for several", flag="prompt", cli="append"
     )
     device: Text = option("auto", "cpu, cuda, cuda:N or auto", group="loading")
+    device_map: Text | None = option(
+        None,
+        "spread the model over devices with accelerate instead: auto, balanced, "
+        "balanced_low_0 or sequential (over the GPUs of this node), or a JSON file "
+        '{"module": GPU index, "cpu" or "disk"}; offloaded (cpu, disk) modules load their '
+        "weights for their own forward only",
+        group="loading",
+        metavar="MAP",
+    )
     dtype: Literal[tuple(DTYPES)] = option("float32", "weights and compute", group="loading")
     window: PositiveInt = option(512, "tokens per window, BOS included")
     stride: PositiveInt | None = option(None, "sliding-window stride (default: non-overlapping)")
@@ -192,14 +201,24 @@ class Setup:
 def load_configured_model(config: LocateConfig) -> LoadedModel:
     """The model `config` names, loaded as its loading options say."""
     return load_model(
-        config.model, config.device, config.dtype, config.trust_remote_code, config.tokenizer
+        config.model,
+        config.device,
+        config.dtype,
+        config.trust_remote_code,
+        config.tokenizer,
+        config.device_map,
     )
 
 
 def streaming_reason(config: LocateConfig) -> str | None:
     """Why `config`'s model is to be streamed (`LocateConfig.stream`), or None: "auto"
     streams an HF-format model (embedded, folder, hub id) that does not fit the device
-    whole; anything else loads in memory, which refuses in one line what does not fit."""
+    whole, unless a device map places it; anything else loads in memory, which refuses in
+    one line what does not fit."""
+    if config.device_map is not None:  # placement chosen: accelerate's
+        if config.stream == "on":
+            raise SwLensError("--stream on and --device-map exclude each other: choose one")
+        return None
     if config.stream != "auto":
         return "--stream on" if config.stream == "on" else None
     path = Path(config.model).expanduser()

@@ -4,6 +4,8 @@ Each reads a typed document (`sw_lens.documents`), so what a command prints is w
 file holds: ``python -m experiments.figures`` and a later reader see the same numbers.
 """
 
+from collections import Counter
+
 from sw_lens.documents import Circuit, Locate, Robustness, Search
 
 
@@ -17,6 +19,12 @@ def locate_summary(doc: Locate) -> str:
     )
     if doc.execution and doc.execution.streamed:
         lines.append(f"streamed ({doc.execution.why}): {doc.execution.description}")
+    if model.device_map:
+        where = Counter(model.device_map.values())
+        lines.append(
+            "placed by a device map: "
+            + ", ".join(f"{n} modules on {device}" for device, n in sorted(where.items()))
+        )
     lines.append(
         f"{'layer':>5}  {'max |hook_post|':>15} {'ch':>5} {'token':<12} "
         f"{'max |hook_mlp_out|':>18} {'ch':>5} {'token':<12}"

@@ -225,7 +225,7 @@ def _checked_args(args, where: str) -> dict[str, list[str]]:
     return args
 
 
-PATH_OPTIONS = ("model", "text", "tokenizer", "registry")
+PATH_OPTIONS = ("model", "text", "tokenizer", "registry", "device_map")
 
 
 def _anchored(options: dict, folder: Path) -> dict:

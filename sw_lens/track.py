@@ -39,7 +39,13 @@ def checkpoint_paths(inputs: list[str]) -> list[Path]:
 
 def track_checkpoint(path: Path, config: LocateConfig, ppl: bool) -> tuple[dict, dict]:
     """The checkpoint's model as results describe it, and its record."""
-    loaded = load_model(str(path), config.device, config.dtype, tokenizer_name=config.tokenizer)
+    loaded = load_model(
+        str(path),
+        config.device,
+        config.dtype,
+        tokenizer_name=config.tokenizer,
+        device_map=config.device_map,
+    )
     model = loaded.bridge
     texts = prompt_tokens(loaded, config.prompts, loaded.adds_bos)
     found = locate(model, texts, loaded.adds_bos, config.criterion, config.iterations)

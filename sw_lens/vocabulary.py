@@ -8,6 +8,8 @@ same scalar (GPT-2's ``Conv1D`` and TransformerLens ``W_out`` store [in, out]), 
 are TransformerLens's, which users already know.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -17,6 +19,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import SwLensError
+from sw_lens.placement import resident
 
 
 @dataclass(frozen=True, order=True)
@@ -148,9 +151,26 @@ def down_proj_parameter(bridge: TransformerBridge, layer: int) -> tuple[str, boo
     Found by storage identity, not by architecture name, so it holds for every model the
     bridge supports.
     """
-    w_out: Float[Tensor, "d_mlp d_model"] = bridge.blocks[layer].mlp.W_out
-    for name, param in bridge.original_model.named_parameters():
-        if param.data_ptr() == w_out.data_ptr() and param.numel() == w_out.numel():
-            transposed = param.stride() != w_out.stride()
-            return name.replace("._original_component", ""), transposed
+    with w_out(bridge, layer) as weight:
+        for name, param in bridge.original_model.named_parameters():
+            if param.data_ptr() == weight.data_ptr() and param.numel() == weight.numel():
+                transposed = param.stride() != weight.stride()
+                return name.replace("._original_component", ""), transposed
     raise SwLensError(f"layer {layer}: W_out shares storage with no HF parameter")
+
+
+@contextmanager
+def w_out(bridge: TransformerBridge, layer: int) -> Iterator[Float[Tensor, "d_mlp d_model"]]:
+    """``blocks[layer].mlp.W_out`` (a view of the HF weight, never a copy), readable and
+    writable in place while the block runs, also where a device map offloads it
+    (`placement.resident`)."""
+    mlp = bridge.blocks[layer].mlp
+    with resident(mlp.out):
+        yield mlp.W_out
+
+
+def b_out(bridge: TransformerBridge, layer: int) -> Float[Tensor, "d_model"] | None:
+    """``blocks[layer].mlp.b_out`` (None where the model has no such bias), read from the
+    HF module now: TransformerLens binds the alias to the tensor of the day the bridge
+    was built, which a device map's offload has since replaced. Read it inside `w_out`."""
+    return getattr(bridge.blocks[layer].mlp.out, "bias", None)

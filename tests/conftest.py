@@ -27,8 +27,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from accelerate import init_empty_weights  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -147,6 +150,30 @@ def save(model, path: Path) -> Path:
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+def offload_map(path: Path) -> dict[str, str]:
+    """A device map for the HF model at `path` that offloads to disk every odd decoder
+    layer and every weight outside the layers (embeddings, final norm, unembedding), and
+    keeps the even layers in CPU memory: accelerate's offload mechanics, on a CPU."""
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    n = config.num_hidden_layers
+    (layers,) = [
+        name
+        for name, module in skeleton.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n
+    ]
+    placement = {f"{layers}.{i}": "disk" if i % 2 else "cpu" for i in range(n)}
+    for name, module in skeleton.named_modules():
+        if name.startswith(f"{layers}.") or name == layers:
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            placement[name] = "disk"
+        elif any(True for _ in module.buffers(recurse=False)):
+            placement[name] = "cpu"
+    return placement
 
 
 ONE = Plant(layer=1, row=5, col=17, dim=3)

@@ -10,7 +10,9 @@ found at its exact coordinates; the checkpoint coordinate names a tensor entry h
 the weight; the layer-major scan equals the scan or refuses; the prefix-reusing sweep
 equals one `evaluate` per ablation; the layer-streamed scan and perplexity
 (`sw_lens.stream`, read from the saved checkpoint) equal the in-memory ones; patching a
-head and an MLP (circuits) equals the bridge's own hooks. The README's matrix is this file's table.
+head and an MLP (circuits) equals the bridge's own hooks; under a device map that
+offloads weights to disk and CPU memory, the scan, hook ablations on the fast path and
+weight edits equal the in-memory model's. The README's matrix is this file's table.
 """
 
 from pathlib import Path
@@ -18,16 +20,18 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from conftest import VOCAB, byte_tokenizer, trigger_id
+from accelerate.utils import has_offloaded_params
+from conftest import VOCAB, byte_tokenizer, offload_map, trigger_id
 from gguf_writer import write_gguf
 from transformers.pytorch_utils import Conv1D
 
 from sw_lens.errors import SwLensError
+from sw_lens.fast import down_proj_module, hf_twin
 from sw_lens.layer_major import scan_layer_major
 from sw_lens.locate import locate
 from sw_lens.mediation import Component, exact_patching
 from sw_lens.models import load_model
-from sw_lens.patching import ablation_hooks
+from sw_lens.patching import ablation_hooks, edited_weights, weight_value
 from sw_lens.perplexity import Protocol, evaluate, evaluate_sweep, windows
 from sw_lens.scan import scan
 from sw_lens.stream import StreamedModel, evaluate_streamed, open_streamed, scan_streamed
@@ -345,3 +349,45 @@ def test_a_gguf_file_gives_the_same_model_and_the_same_finds(name, tmp_path):
     _, (ablated,) = evaluate_streamed(model, tokens, protocol, "t", [[PLANT]])
     expected = evaluate(loaded.bridge, tokens, protocol, "t", [PLANT])
     assert ablated.nll == pytest.approx(expected.nll, rel=1e-5), name
+
+
+def test_an_offloading_device_map_gives_the_in_memory_numbers(family):
+    """Weights offloaded to disk and CPU memory by accelerate (`sw_lens.placement`):
+    the scan, weight reads, hook ablations on the fast path and weight edits equal the
+    in-memory model's, and an edit ends with its block."""
+    name, loaded, _ = family
+    placed = load_model(loaded.location, device_map=offload_map(Path(loaded.location)))
+    model = placed.bridge
+    assert any(has_offloaded_params(m) for m in model.original_model.modules()), name
+    assert weight_value(model, PLANT) == weight_value(loaded.bridge, PLANT) == 8.0
+    texts = [ids(PROMPT + " and A b")]
+    for a, b in zip(
+        scan(model, texts, prepend_bos=False).layers,
+        scan(loaded.bridge, texts, prepend_bos=False).layers,
+        strict=True,
+    ):
+        assert (a.post.pos, a.post.channel, a.mlp_out.channel) == (
+            b.post.pos,
+            b.post.channel,
+            b.mlp_out.channel,
+        )
+        assert a.mlp_out.value == pytest.approx(b.mlp_out.value, rel=1e-5), (name, a.layer)
+    # The fast path runs the model's own modules, where the model keeps them.
+    twin = hf_twin(model)
+    assert down_proj_module(model, twin, 1) is model.blocks[1].mlp.out.original_component
+    tokens = torch.randint(0, 255, (96,), generator=torch.Generator().manual_seed(0))
+    protocol = Protocol(window=32, batch_size=2)
+    for ablation in ([], [PLANT], [WeightCoord(2, 7, 11), PLANT]):
+        expected = evaluate(loaded.bridge, tokens, protocol, "t", ablation).nll
+        assert evaluate(model, tokens, protocol, "t", ablation).nll == pytest.approx(
+            expected, rel=1e-6
+        ), (name, ablation)
+        with edited_weights(model, ablation):
+            edited = evaluate(model, tokens, protocol, "t").nll
+        assert edited == pytest.approx(expected, rel=1e-6), (name, ablation)
+    assert weight_value(model, PLANT) == 8.0  # the edit ended with its block
+    ablations = [[PLANT], [WeightCoord(3, 0, 0)]]  # resuming from layer 1 and from layer 3
+    _, swept = evaluate_sweep(model, tokens, protocol, "t", ablations)
+    _, expected = evaluate_sweep(loaded.bridge, tokens, protocol, "t", ablations)
+    for a, b in zip(swept, expected, strict=True):
+        assert a.nll == pytest.approx(b.nll, rel=1e-6), name

@@ -182,7 +182,7 @@ def test_a_typo_in_a_sweep_file_exits_2_and_writes_nothing(tmp_path):
         assert done.returncode == 2
         assert done.stderr.strip().endswith(
             "did you mean 'dtype'? (valid: args, batch_size, bos, check_known, confirm_margin, "
-            "device, dtype, experiments, find, html_tokens, iterations, max_tokens, max_walk, "
+            "device, device_map, dtype, experiments, find, html_tokens, iterations, max_tokens, max_walk, "
             "min_ppl_ratio, min_ratio, model, name, negligible, prediction_prompt, prompt, "
             "prompt_bos, rank_tokens, recall_sample, registry, search_k, seed, stop_run, "
             "stream, stride, text, threshold, tokenizer, top_channels, trust_remote_code, "
@@ -195,10 +195,12 @@ def test_relative_paths_are_relative_to_the_sweep_file(tmp_path, monkeypatch):
     folder = tmp_path / "project"
     (folder / "models" / "tiny").mkdir(parents=True)
     (folder / "corpus.txt").write_text(CORPUS)
+    (folder / "map.json").write_text('{"": "cpu"}')
     path = folder / "sweep.toml"
     path.write_text(
         '[sweep]\nout = "results"\n[defaults]\ntext = "corpus.txt"\n'
-        '[[runs]]\nmodel = "models/tiny"\n[[runs]]\nmodel = "gpt2"\ntext = "lee"\n'
+        '[[runs]]\nmodel = "models/tiny"\ndevice_map = "map.json"\n'
+        '[[runs]]\nmodel = "gpt2"\ntext = "lee"\ndevice_map = "auto"\n'
     )
     monkeypatch.chdir(tmp_path)  # anywhere but the file's folder
     sweep = load_sweep(path)
@@ -206,8 +208,9 @@ def test_relative_paths_are_relative_to_the_sweep_file(tmp_path, monkeypatch):
     assert sweep.runs[0].options == {
         "text": str(folder / "corpus.txt"),
         "model": str(folder / "models" / "tiny"),
+        "device_map": str(folder / "map.json"),
     }
-    assert sweep.runs[1].options == {"text": "lee", "model": "gpt2"}  # names, not paths
+    assert sweep.runs[1].options == {"text": "lee", "model": "gpt2", "device_map": "auto"}
     assert load_sweep(path, out="elsewhere").out == tmp_path / "elsewhere"
 
 
