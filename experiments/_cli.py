@@ -145,13 +145,15 @@ def add_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="output directory (default: out/<model>)")
 
 
-def experiment(description: str, own: type, defaults: dict | None = None):
-    """Parse an experiment's command line, load what it names and choose the super
-    weights: (args, the prepared `Experiment`, the experiment's own options)."""
+def experiment(description: str, own: type, defaults: dict | None = None, streamable: bool = False):
+    """Parse an experiment's command line, load what it names (streamed, for a
+    `streamable` experiment, when --stream says so) and choose the super weights: (args,
+    the prepared `Experiment`, the experiment's own options)."""
     args = experiment_parser(description, own, defaults).parse_args()
     output_dir(args)  # an unwritable --out fails before the work, not after it
     options = from_args(own, args)  # a bad option fails before the model loads
-    return args, prepare(from_args(LocateConfig, args), args.results), options
+    config = from_args(LocateConfig, args)
+    return args, prepare(config, args.results, streamable), options
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -198,6 +200,8 @@ def print_header(document: Experiment, baseline: PerplexityResult | None = None)
             f"{w.value:+.4g} (W_out[{w.layer}][{w.col}, {w.row}])"
         )
     print(f"  chosen: {document.super_weight_source}")
+    if document.execution and document.execution.streamed:
+        print(f"  streamed ({document.execution.why}): {document.execution.description}")
     if baseline is None:
         return
     print(

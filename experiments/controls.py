@@ -11,7 +11,7 @@ from sw_lens.studies import ControlsOptions, controls_study
 
 
 def main() -> None:
-    args, prepared, options = experiment(__doc__, ControlsOptions)
+    args, prepared, options = experiment(__doc__, ControlsOptions, streamable=True)
     document = controls_study(prepared, options)
     print_header(document, document.baseline)
     rows, draws = document.controls, document.summary

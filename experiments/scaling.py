@@ -11,7 +11,7 @@ from sw_lens.studies import ScalingOptions, scaling_study
 
 
 def main() -> None:
-    args, prepared, options = experiment(__doc__, ScalingOptions)
+    args, prepared, options = experiment(__doc__, ScalingOptions, streamable=True)
     document = scaling_study(prepared, options)
     print_header(document, document.baseline)
     task, baseline = document.task, document.baseline.perplexity

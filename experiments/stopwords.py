@@ -11,7 +11,9 @@ from sw_lens.studies import StopwordsOptions, stopwords_study
 
 
 def main() -> None:
-    args, prepared, options = experiment(__doc__, StopwordsOptions, {"max_tokens": 1024})
+    args, prepared, options = experiment(
+        __doc__, StopwordsOptions, {"max_tokens": 1024}, streamable=True
+    )
     document = stopwords_study(prepared, options)
     print_header(document)
     print(

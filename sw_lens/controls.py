@@ -5,8 +5,8 @@ zeroing *other* weights: (b) the N largest-magnitude down-projection weights of 
 whole model, super weights excluded (the paper's N = 7000), (c) those plus the super
 weights, and (d) random weights as many as the super weights, each drawn from the
 weights of the same matrix nearest in magnitude to its super weight. (e) scales the
-super weights instead of zeroing them. All of it through hooks: the model is never
-edited.
+super weights instead of zeroing them. All of it through hooks, or as layers are read
+when the model is streamed from its checkpoint: the model is never edited.
 """
 
 from collections.abc import Sequence
@@ -19,9 +19,10 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import SwLensError
-from sw_lens.patching import by_layer, check_coords, weight_value
-from sw_lens.perplexity import PerplexityResult, Protocol, evaluate_sweep
-from sw_lens.vocabulary import WeightCoord, w_out
+from sw_lens.locate import RuleModel, rule_model
+from sw_lens.patching import by_layer
+from sw_lens.perplexity import PerplexityResult, Protocol
+from sw_lens.vocabulary import WeightCoord
 
 
 def _coord(layer: int, flat: int, d_model: int) -> WeightCoord:
@@ -31,17 +32,18 @@ def _coord(layer: int, flat: int, d_model: int) -> WeightCoord:
 
 
 def largest_weights(
-    model: TransformerBridge, n: int, exclude: Sequence[WeightCoord] = ()
+    model: TransformerBridge | RuleModel, n: int, exclude: Sequence[WeightCoord] = ()
 ) -> list[WeightCoord]:
     """The `n` down-projection weights of largest |value| over all layers, not counting
     `exclude`; largest first. Holds one layer's |W_out| at a time."""
     if n < 0:
         raise SwLensError(f"the number of largest weights must be >= 0, got {n}")
+    model = rule_model(model)
     excluded = set(exclude)
     best: list[tuple[float, WeightCoord]] = []
-    d_model = model.cfg.d_model
-    for layer in range(model.cfg.n_layers):
-        with w_out(model, layer) as weight:
+    for layer in range(model.n_layers):
+        with model.w_out(layer) as weight:
+            d_model = weight.shape[1]
             magnitude = weight.detach().abs().flatten()
         top = magnitude.topk(min(n + len(excluded), magnitude.numel()))
         best += [
@@ -53,7 +55,7 @@ def largest_weights(
 
 
 def magnitude_matched(
-    model: TransformerBridge,
+    model: TransformerBridge | RuleModel,
     super_weights: Sequence[WeightCoord],
     draws: int,
     pool: int = 100,
@@ -61,17 +63,19 @@ def magnitude_matched(
 ) -> list[list[WeightCoord]]:
     """`draws` random sets, each with one weight per super weight, drawn uniformly from the
     `pool` weights of the same matrix nearest in |value| to it (super weights excluded)."""
-    check_coords(model, super_weights)
+    model = rule_model(model)
+    model.check_coords(super_weights)
     excluded = set(super_weights)
     generator = torch.Generator().manual_seed(seed)
     candidates = []
     for layer, coords in by_layer(super_weights).items():
-        with w_out(model, layer) as weight:
+        with model.w_out(layer) as weight:
+            d_model = weight.shape[1]
             w = weight.detach().float().cpu().flatten().clone()
         for c in coords:
-            target = abs(float(w[c.col * model.cfg.d_model + c.row]))
+            target = abs(float(w[c.col * d_model + c.row]))
             order = ((w.abs() - target).abs()).argsort()
-            near = [_coord(layer, int(i), model.cfg.d_model) for i in order[: pool + len(coords)]]
+            near = [_coord(layer, int(i), d_model) for i in order[: pool + len(coords)]]
             candidates.append([n for n in near if n not in excluded][:pool])
     return [
         [near[int(torch.randint(len(near), (1,), generator=generator))] for near in candidates]
@@ -103,7 +107,7 @@ def _row(label, kind, coords, result: PerplexityResult, baseline, scale=0.0) -> 
 
 
 def run_controls(
-    model: TransformerBridge,
+    model: TransformerBridge | RuleModel,
     tokens: Int[Tensor, "n_tokens"],
     protocol: Protocol,
     corpus: str,
@@ -119,15 +123,14 @@ def run_controls(
     and how far control (b) reaches."""
     if not super_weights:
         raise SwLensError("controls need at least one super weight")
+    model = rule_model(model)
     super_weights = list(super_weights)
     largest = largest_weights(model, n_largest, exclude=super_weights)
     random_sets = magnitude_matched(model, super_weights, draws, pool, seed)
     ablations = [super_weights, largest, largest + super_weights, *random_sets]
     ablations += [super_weights] * len(scales)
     factors = [0.0] * (3 + len(random_sets)) + list(scales)
-    baseline, results = evaluate_sweep(
-        model, tokens, protocol, corpus, ablations, factors, desc="controls"
-    )
+    baseline, results = model.sweep(tokens, protocol, corpus, ablations, "controls", factors)
     random_results = results[3 : 3 + len(random_sets)]
     rows = [
         _row("(a) super weights zeroed", "super", super_weights, results[0], baseline),
@@ -149,6 +152,8 @@ def run_controls(
         for s, r in zip(scales, results[3 + len(random_sets) :], strict=True)
     ]
     random_ppl = [r.perplexity for r in random_results]
+    with model.w_out(0) as weight:
+        n_per_layer = weight.numel()
     summary = {
         "draws": len(random_ppl),
         "pool": pool,
@@ -158,7 +163,7 @@ def run_controls(
         "max": max(random_ppl, default=None),
         # N as a share of all down-projection weights (the paper's 7000 in Llama-7B's
         # 1.4e9 is 5e-6), and the smallest |w| among them: how far down (b) reaches.
-        "largest_share": n_largest / (model.cfg.n_layers * model.cfg.d_model * model.cfg.d_mlp),
-        "largest_min_abs": abs(weight_value(model, largest[-1])) if largest else None,
+        "largest_share": n_largest / (model.n_layers * n_per_layer),
+        "largest_min_abs": abs(model.weight(largest[-1])[0]) if largest else None,
     }
     return baseline, rows, summary

@@ -142,11 +142,20 @@ class OnModel(Header):
         return self
 
 
+class Execution(Strict):
+    """How the numbers were computed: the whole model in memory, or streamed."""
+
+    streamed: bool
+    why: str | None
+    description: str
+
+
 class Experiment(OnModel):
     """controls, restore, stopwords, scaling, quantize: the same head (`experiment_document`)."""
 
     super_weights: list[Weight]
     super_weight_source: str
+    execution: Execution | None = None  # documents written before streaming have none
 
     def coords(self) -> list[Coord]:
         return self.super_weights
@@ -326,14 +335,6 @@ class Known(Strict):
     entry: str | None
     convention: str
     checks: list[KnownCheck]
-
-
-class Execution(Strict):
-    """How the numbers were computed: the whole model in memory, or streamed."""
-
-    streamed: bool
-    why: str | None
-    description: str
 
 
 class Locate(OnModel):

@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sw_lens.errors import SwLensError
-from sw_lens.locate import LocateResult, locate, rank_by_effect
-from sw_lens.patching import check_coords, weight_value
+from sw_lens.locate import LocateResult, locate, rank_by_effect, rule_model
 from sw_lens.results import header, read_json
 from sw_lens.search import SearchResult, search
 from sw_lens.setup import LocateConfig, Setup, load
@@ -93,7 +92,7 @@ def super_weights(
                 f"not {setup.loaded.name!r}"
             )
         coords = [WeightCoord(c.layer, c.row, c.col) for c in document.super_weights]
-        check_coords(setup.model, coords)
+        rule_model(setup.model).check_coords(coords)
         source = f"super weights of {results}"
     else:
         found = find(setup, config)
@@ -117,19 +116,23 @@ class Experiment:
 
     def document(self, kind: str) -> dict:
         """What every experiment's results document starts with."""
-        setup, model = self.setup, self.setup.model
+        setup, model = self.setup, rule_model(self.setup.model)
         return header(kind, setup.loaded, self.config.seed) | {
             "super_weights": [
-                asdict(c) | {"value": weight_value(model, c), "w_out_index": list(c.w_out_index)}
+                asdict(c) | {"value": model.weight(c)[0], "w_out_index": list(c.w_out_index)}
                 for c in self.coords
             ],
             "super_weight_source": self.source,
+            "execution": setup.execution(),
             "corpus": setup.corpus.name,
             "config": asdict(self.config),
         }
 
 
-def prepare(config: LocateConfig, results: str | None = None) -> Experiment:
-    """Load what `config` names and choose the super weights (`super_weights`)."""
-    setup = load(config)
+def prepare(
+    config: LocateConfig, results: str | None = None, streamable: bool = False
+) -> Experiment:
+    """Load what `config` names (streamed, for an experiment that is `streamable`, when
+    `config.stream` says so) and choose the super weights (`super_weights`)."""
+    setup = load(config, streamable)
     return Experiment(config, setup, *super_weights(setup, config, results))

@@ -24,19 +24,21 @@ The literal rule has three traps on real models, each handled here and reported:
 import logging
 import typing
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from statistics import median
 
 import pydantic
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.options import Finite, option
-from sw_lens.patching import ablation_hooks, weight_value
+from sw_lens.patching import ablation_hooks, check_coords, weight_value
 from sw_lens.perplexity import PerplexityResult, Protocol, evaluate_sweep
+from sw_lens.predictions import next_token_logits
 from sw_lens.scan import LayerSpikes, ScanResult, Spike, scan
-from sw_lens.vocabulary import WeightCoord, down_proj_parameter, stored_index
+from sw_lens.vocabulary import WeightCoord, down_proj_parameter, stored_index, w_out
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +109,13 @@ def medians(result: ScanResult) -> tuple[float, float]:
 
 
 class RuleModel(typing.Protocol):
-    """What the rule and the effect ranking ask of a model: held in memory (`InMemory`,
-    a bridge) or read one layer at a time from its checkpoint (`stream.StreamedModel`)."""
+    """What the spike rule, the effect ranking and the experiments that stream (controls,
+    scaling, stopwords) ask of a model: held in memory (`InMemory`, a bridge) or read one
+    layer at a time from its checkpoint (`stream.StreamedModel`)."""
+
+    n_layers: int
+
+    def check_coords(self, coords: Sequence[WeightCoord]) -> None: ...
 
     def scan(
         self, texts: Sequence[Tensor], prepend_bos: bool, ablation: Sequence[WeightCoord]
@@ -116,9 +123,21 @@ class RuleModel(typing.Protocol):
 
     def weight(self, coord: WeightCoord) -> tuple[float, str, bool]: ...
 
+    def w_out(self, layer: int) -> AbstractContextManager[Float[Tensor, "d_mlp d_model"]]: ...
+
     def sweep(
-        self, tokens: Tensor, protocol: Protocol, corpus: str, ablations: list, desc: str
+        self,
+        tokens: Tensor,
+        protocol: Protocol,
+        corpus: str,
+        ablations: list,
+        desc: str,
+        scale: float | Sequence[float] = 0.0,
     ) -> tuple[PerplexityResult, list[PerplexityResult]]: ...
+
+    def next_token_logits(
+        self, contexts: Sequence[Tensor], ablation: Sequence[WeightCoord] = (), scale: float = 0.0
+    ) -> list[Float[Tensor, "d_vocab"]]: ...
 
 
 @dataclass
@@ -127,6 +146,13 @@ class InMemory:
 
     bridge: TransformerBridge
 
+    @property
+    def n_layers(self) -> int:
+        return self.bridge.cfg.n_layers
+
+    def check_coords(self, coords) -> None:
+        check_coords(self.bridge, coords)
+
     def scan(self, texts, prepend_bos, ablation) -> ScanResult:
         return scan(self.bridge, texts, prepend_bos, ablation_hooks(self.bridge, ablation))
 
@@ -134,8 +160,14 @@ class InMemory:
         """The weight's value, its HF parameter and whether that is stored as nn.Linear."""
         return weight_value(self.bridge, coord), *down_proj_parameter(self.bridge, coord.layer)
 
-    def sweep(self, tokens, protocol, corpus, ablations, desc):
-        return evaluate_sweep(self.bridge, tokens, protocol, corpus, ablations, desc=desc)
+    def w_out(self, layer: int) -> AbstractContextManager[Float[Tensor, "d_mlp d_model"]]:
+        return w_out(self.bridge, layer)
+
+    def sweep(self, tokens, protocol, corpus, ablations, desc, scale=0.0):
+        return evaluate_sweep(self.bridge, tokens, protocol, corpus, ablations, scale, desc)
+
+    def next_token_logits(self, contexts, ablation=(), scale=0.0) -> list[Tensor]:
+        return next_token_logits(self.bridge, contexts, ablation, scale)
 
 
 def rule_model(model: TransformerBridge | RuleModel) -> RuleModel:

@@ -318,16 +318,6 @@ def run_locate(config: LocateConfig) -> Locate:
                 for w in shown
             ],
             "known": config.check_known and known_dict(config, known, model, rule),
-            "execution": {
-                "streamed": setup.streamed,
-                "why": setup.streaming,
-                "description": (
-                    "one decoder layer at a time from the checkpoint, every token's residual "
-                    "stream kept between layers (sw_lens.stream)"
-                    if setup.streamed
-                    else "the whole model in memory"
-                    + (", placed by accelerate's device map" if setup.loaded.device_map else "")
-                ),
-            },
+            "execution": setup.execution(),
         }
     )

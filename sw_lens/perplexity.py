@@ -276,6 +276,14 @@ def evaluate(
     return measured(model.cfg.dtype, corpus, protocol, losses, cut, edits)
 
 
+def per_ablation(scale: float | Sequence[float], ablations: Sequence) -> list[float]:
+    """One scale per ablation: `scale` for each, or the sequence given, one each."""
+    scales = [scale] * len(ablations) if isinstance(scale, int | float) else list(scale)
+    if len(scales) != len(ablations):
+        raise SwLensError(f"{len(ablations)} ablations but {len(scales)} scales")
+    return scales
+
+
 def evaluate_sweep(
     model: TransformerBridge,
     tokens: Int[Tensor, "n_tokens"],
@@ -297,9 +305,7 @@ def evaluate_sweep(
     for this model, else ablations run the whole model, with the same results."""
     check_window(model.cfg.n_ctx, protocol)
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
-    scales = [scale] * len(ablations) if isinstance(scale, int | float) else list(scale)
-    if len(scales) != len(ablations):
-        raise SwLensError(f"{len(ablations)} ablations but {len(scales)} scales")
+    scales = per_ablation(scale, ablations)
     edits = [column_edits(model, a, s) for a, s in zip(ablations, scales, strict=True)]
     starts = [min((c.layer for c in a), default=0) for a in ablations]
     resume = Resume(model, starts)

@@ -57,10 +57,23 @@ def next_word_accuracy(
     """How many of `contexts` have their target as the most likely next token (e.g. the
     first token of a held-out last word, as LAMBADA scores), with each weight in
     `ablation` multiplied by `scale` (`fast.forward_pass` picks the fast twin)."""
-    hits = 0
+    return accuracy(next_token_logits(model, contexts, ablation, scale), targets)
+
+
+def next_token_logits(
+    model: TransformerBridge,
+    contexts: Sequence[Int[Tensor, "pos"]],
+    ablation: Sequence[WeightCoord] = (),
+    scale: float = 0.0,
+) -> list[Float[Tensor, "d_vocab"]]:
+    """The logits after each of `contexts` (on the CPU), with each weight in `ablation`
+    multiplied by `scale` (`fast.forward_pass` picks the fast twin)."""
     edits = column_edits(model, ablation, scale)
     with torch.inference_mode(), forward_pass(model, edits) as (logits_of, _):
-        for ids, target in zip(contexts, targets, strict=True):
-            logits = logits_of(ids[None].to(model.cfg.device))[0, -1]
-            hits += int(logits.argmax()) == target
-    return Accuracy(hits, len(contexts), hits / len(contexts))
+        return [logits_of(ids[None].to(model.cfg.device))[0, -1].cpu() for ids in contexts]
+
+
+def accuracy(logits: Sequence[Float[Tensor, "d_vocab"]], targets: Sequence[int]) -> Accuracy:
+    """How many of the next-token `logits` rank their target first."""
+    hits = sum(int(x.argmax()) == t for x, t in zip(logits, targets, strict=True))
+    return Accuracy(hits, len(targets), hits / len(targets))

@@ -39,6 +39,7 @@ from sw_lens.vocabulary import Coordinate
 log = logging.getLogger(__name__)
 
 PAPER_PROMPT = "Apple Inc. is a worldwide tech company."
+STREAMED = "locate, controls, scaling and stopwords"  # the commands that can stream
 
 
 @pydantic.dataclasses.dataclass
@@ -103,6 +104,13 @@ class LocateConfig:
         cli="append",
     )
     trust_remote_code: bool = option(False, "allow a hub model's own code", group="loading")
+    stream: Literal["auto", "on", "off"] = option(
+        "auto",
+        "read the model one decoder layer at a time from its checkpoint (safetensors or "
+        ".gguf): when it does not fit the device whole (auto), always (on) or never (off); "
+        f"{STREAMED} stream (the spike rule then finds the super weights: the search needs "
+        "the whole model), the other experiments need the model in memory",
+    )
     tokenizer: Text | None = option(
         None,
         "for nanoGPT .pt checkpoints: meta.pkl or an HF tokenizer (default: meta.pkl found "
@@ -130,13 +138,6 @@ class LocateConfig:
     )
     registry: Text | None = option(
         None, "registry TOML file (default: sw_lens's own)", group="locate"
-    )
-    stream: Literal["auto", "on", "off"] = option(
-        "auto",
-        "read the model one decoder layer at a time from its safetensors checkpoint: when it "
-        "does not fit the device whole (auto), always (on) or never (off); the spike rule "
-        "then finds the super weights (the search needs the whole model)",
-        group="locate",
     )
 
 
@@ -197,6 +198,23 @@ class Setup:
     def model(self) -> TransformerBridge | StreamedModel:
         return self.loaded if self.streamed else self.loaded.bridge
 
+    @property
+    def d_vocab(self) -> int:
+        return self.loaded.d_vocab if self.streamed else self.loaded.bridge.cfg.d_vocab
+
+    def execution(self) -> dict:
+        """How the numbers were computed, as results documents record it."""
+        if self.streamed:
+            description = (
+                "one decoder layer at a time from the checkpoint, every token's residual "
+                "stream kept between layers (sw_lens.stream)"
+            )
+        elif self.loaded.device_map:
+            description = "the whole model in memory, placed by accelerate's device map"
+        else:
+            description = "the whole model in memory"
+        return {"streamed": self.streamed, "why": self.streaming, "description": description}
+
 
 def load_configured_model(config: LocateConfig) -> LoadedModel:
     """The model `config` names, loaded as its loading options say."""
@@ -243,8 +261,13 @@ def streaming_reason(config: LocateConfig) -> str | None:
 
 def load(config: LocateConfig, streamable: bool = False) -> Setup:
     """Load and check everything `config` names, before any long work starts; with
-    `streamable` (locate), a model is streamed when `config.stream` says so."""
+    `streamable` (`STREAMED`), a model is streamed when `config.stream` says so."""
     torch.manual_seed(config.seed)
+    if not streamable and config.stream == "on":
+        raise SwLensError(
+            f"--stream on: this command needs the whole model ({STREAMED} stream); spread it "
+            f"over GPUs with --device-map instead"
+        )
     reason = streaming_reason(config) if streamable else None
     if reason:
         device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)

@@ -20,8 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sw_lens.corpora import hub_dataset
 from sw_lens.errors import SwLensError
-from sw_lens.fast import forward_pass
-from sw_lens.patching import column_edits
+from sw_lens.locate import RuleModel, rule_model
 from sw_lens.vocabulary import WeightCoord
 
 CLASSES = ("stopword", "word", "other")
@@ -89,20 +88,18 @@ class ClassMass:
 
 
 def class_mass(
-    model: TransformerBridge,
+    model: TransformerBridge | RuleModel,
     contexts: Sequence[Int[Tensor, "pos"]],
     classes: Int[Tensor, "d_vocab"],
     ablation: Sequence[WeightCoord],
 ) -> ClassMass:
     """Next-token probability mass per class after each context, before and after
-    zeroing `ablation` (`fast.forward_pass` picks the fast twin)."""
+    zeroing `ablation` (in memory on the fast twin, or streamed)."""
     masses = []
-    for edits in ({}, column_edits(model, ablation)):
-        rows = []
-        with torch.inference_mode(), forward_pass(model, edits) as (logits_of, _):
-            for ids in contexts:
-                logits = logits_of(ids[None].to(model.cfg.device))[0, -1]
-                probs = logits.float().softmax(-1).cpu()
-                rows.append(torch.zeros(len(CLASSES)).index_add_(0, classes, probs))
+    for zeroed in ([], ablation):
+        rows = [
+            torch.zeros(len(CLASSES)).index_add_(0, classes, logits.float().softmax(-1))
+            for logits in rule_model(model).next_token_logits(contexts, zeroed)
+        ]
         masses.append(torch.stack(rows))
     return ClassMass(*masses)

@@ -52,7 +52,15 @@ from sw_lens.errors import SwLensError, untrusted_files
 from sw_lens.fast import empty_model
 from sw_lens.layer_major import mlp_sublayer
 from sw_lens.models import adds_bos, model_folder
-from sw_lens.perplexity import IGNORE, PerplexityResult, Protocol, batches_on, measured, windows
+from sw_lens.perplexity import (
+    IGNORE,
+    PerplexityResult,
+    Protocol,
+    batches_on,
+    measured,
+    per_ablation,
+    windows,
+)
 from sw_lens.predictions import top_tokens
 from sw_lens.progress import bar
 from sw_lens.resources import GIB
@@ -358,8 +366,21 @@ class StreamedModel:
         stored = self.checkpoint.tensor(self.keys[name], stored_index(coord, linear))
         return float(stored.to(self.dtype)), name, linear
 
-    def sweep(self, tokens, protocol: Protocol, corpus: str, ablations, desc: str):
-        return evaluate_streamed(self, tokens, protocol, corpus, ablations, desc=desc)
+    @contextmanager
+    def w_out(self, layer: int) -> Iterator[Float[Tensor, "d_mlp d_model"]]:
+        """Layer `layer`'s down-projection in ``W_out``'s layout, read from the checkpoint
+        (a copy: editing it changes nothing)."""
+        tensor = self.checkpoint.tensor(self.keys[self.down_proj_name(layer)]).to(self.dtype)
+        yield tensor.T if isinstance(self.down_proj[layer], nn.Linear) else tensor
+
+    def check_coords(self, coords: Sequence[WeightCoord]) -> None:
+        check_streamed_coords(self, coords)
+
+    def sweep(self, tokens, protocol: Protocol, corpus: str, ablations, desc: str, scale=0.0):
+        return evaluate_streamed(self, tokens, protocol, corpus, ablations, scale, desc)
+
+    def next_token_logits(self, contexts, ablation=(), scale=0.0) -> list[Tensor]:
+        return next_token_logits(self, contexts, ablation, scale)
 
     # --- running ------------------------------------------------------------------------
 
@@ -467,18 +488,32 @@ class StreamedModel:
                 batch.resid = out[0] if isinstance(out, tuple) else out
 
 
+def next_token_logits(
+    model: StreamedModel,
+    contexts: Sequence[Int[Tensor, "pos"]],
+    ablation: Sequence[WeightCoord] = (),
+    scale: float = 0.0,
+) -> list[Float[Tensor, "d_vocab"]]:
+    """The logits after each of `contexts`, with `ablation`'s weights multiplied by
+    `scale`: every context through each layer while it is read."""
+    check_streamed_coords(model, ablation)
+    with torch.inference_mode():
+        batches = [model.prepare(ids[None]) for ids in contexts]
+        edits = scaled_weights(model, ablation, scale)
+        for index in bar(range(model.n_layers), desc="next tokens", unit="layer"):
+            model.run_layer(index, batches, edits)
+        output = model.skeleton.get_output_embeddings()
+        return [
+            model.softcapped(output(model.final_hidden(b)[0, -1]).float()).cpu() for b in batches
+        ]
+
+
 def top_predictions(
     model: StreamedModel, ids: Int[Tensor, "pos"], ablation: Sequence[WeightCoord] = (), k: int = 5
 ) -> list[dict]:
     """`predictions.top_predictions` streamed: the k most likely next tokens after `ids`,
     with `ablation`'s weights zeroed."""
-    with torch.inference_mode():
-        batch = model.prepare(ids[None])
-        edits = scaled_weights(model, ablation, 0.0)
-        for index in range(model.n_layers):
-            model.run_layer(index, [batch], edits)
-        hidden = model.final_hidden(batch)[0, -1]
-        logits = model.softcapped(model.skeleton.get_output_embeddings()(hidden).float())
+    (logits,) = next_token_logits(model, [ids], ablation)
     return top_tokens(model.tokenizer, logits, k)
 
 
@@ -541,16 +576,18 @@ def evaluate_streamed(
     protocol: Protocol,
     corpus: str,
     ablations: Sequence[Sequence[WeightCoord]] = (),
-    scale: float = 0.0,
+    scale: float | Sequence[float] = 0.0,
     desc: str = "streamed",
 ) -> tuple[PerplexityResult, list[PerplexityResult]]:
-    """A baseline and K ablations (each weight multiplied by `scale`), as
-    `perplexity.evaluate_sweep` computes them, streaming layers from disk: the baseline
+    """A baseline and K ablations (each weight multiplied by `scale`, or by its own
+    scale when a sequence is given), as `perplexity.evaluate_sweep` computes them,
+    streaming layers from disk: the baseline
     reads every layer once; an ablation whose earliest layer is L forks from the
     baseline's residual stream entering L and reads layers L..n again, before the
     baseline goes on. At most two residual streams exist at a time, whatever K."""
     for coords in ablations:
         check_streamed_coords(model, coords)
+    scales = per_ablation(scale, ablations)
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
     batches = _prepared(model, cut, protocol, desc)
     forking: dict[int, list[int]] = {}  # layer -> the ablations that start there
@@ -562,7 +599,7 @@ def evaluate_streamed(
         for index in bar(range(model.n_layers), desc=f"{desc}: baseline", unit="layer"):
             for k in forking.get(index, []):
                 fork = [replace(b, resid=b.resid.clone()) for b in batches]
-                edits = scaled_weights(model, ablations[k], scale)
+                edits = scaled_weights(model, ablations[k], scales[k])
                 for layer in bar(
                     range(index, model.n_layers), desc=f"{desc}: ablation {k + 1}", unit="layer"
                 ):

@@ -20,7 +20,7 @@ from sw_lens.controls import run_controls
 from sw_lens.corpora import load_corpus, sentences, tokenize
 from sw_lens.decompose import decompose
 from sw_lens.experiment import Experiment
-from sw_lens.locate import locate
+from sw_lens.locate import locate, rule_model
 from sw_lens.options import (
     Finite,
     FiniteList,
@@ -30,9 +30,8 @@ from sw_lens.options import (
     Text,
     option,
 )
-from sw_lens.patching import ablation_hooks
-from sw_lens.perplexity import evaluate, evaluate_sweep, windows
-from sw_lens.predictions import CASE_STUDY_PROMPT, next_word_accuracy, top_predictions
+from sw_lens.perplexity import evaluate, windows
+from sw_lens.predictions import CASE_STUDY_PROMPT, accuracy, top_tokens
 from sw_lens.progress import bar
 from sw_lens.quantize import CLIPS, METHODS, Scheme, quantized
 from sw_lens.restore import restore
@@ -146,16 +145,10 @@ def scaling_study(experiment: Experiment, options: ScalingOptions) -> documents.
     """Perplexity at every factor in one sweep, and next-word accuracy on corpus sentences
     with the last word held out (top-1 next token = the word's first token, as LAMBADA
     scores)."""
-    setup, coords = experiment.setup, experiment.coords
+    setup, coords, model = experiment.setup, experiment.coords, rule_model(experiment.setup.model)
     factors = [f for f in options.factors if f != 1.0]  # x1 is the baseline, measured anyway
-    baseline, scaled = evaluate_sweep(
-        setup.model,
-        setup.tokens,
-        setup.protocol,
-        setup.corpus.name,
-        [coords] * len(factors),
-        scale=factors,
-        desc="scaling",
+    baseline, scaled = model.sweep(
+        setup.tokens, setup.protocol, setup.corpus.name, [coords] * len(factors), "scaling", factors
     )
     points = [{"scale": 1.0, **baseline.to_dict()}] + [
         {"scale": factor, **result.to_dict()}
@@ -169,7 +162,7 @@ def scaling_study(experiment: Experiment, options: ScalingOptions) -> documents.
         targets = [int(tokenize(setup.loaded.tokenizer, " " + word)[0]) for _, word in pairs]
         for point in points:
             point["accuracy"] = asdict(
-                next_word_accuracy(setup.model, contexts, targets, coords, point["scale"])
+                accuracy(model.next_token_logits(contexts, coords, point["scale"]), targets)
             )
         task = {
             "description": "next-word accuracy: the top-1 next token is the first token of "
@@ -205,9 +198,11 @@ def stopwords_study(experiment: Experiment, options: StopwordsOptions) -> docume
         pairs = last_word_contexts(sentences(setup.corpus.text, options.n_prompts))
         prompt_source = f"{setup.corpus.name} sentences, last word held out"
     contexts = prompt_tokens(setup.loaded, [c for c, _ in pairs], setup.prompt_bos)
-    classes = token_classes(setup.loaded.tokenizer, setup.model.cfg.d_vocab)
-    mass = class_mass(setup.model, contexts, classes, coords)
-    case = prompt_tokens(setup.loaded, [options.case_study], setup.prompt_bos)[0]
+    classes = token_classes(setup.loaded.tokenizer, setup.d_vocab)
+    model = rule_model(setup.model)
+    mass = class_mass(model, contexts, classes, coords)
+    case = prompt_tokens(setup.loaded, [options.case_study], setup.prompt_bos)[:1]
+    before, after = (model.next_token_logits(case, ablation)[0] for ablation in ([], coords))
     return typed(
         experiment.document("stopwords")
         | {
@@ -220,10 +215,8 @@ def stopwords_study(experiment: Experiment, options: StopwordsOptions) -> docume
             },
             "case_study": {
                 "prompt": options.case_study,
-                "before": top_predictions(setup.model, case),
-                "after": top_predictions(
-                    setup.model, case, fwd_hooks=ablation_hooks(setup.model, coords)
-                ),
+                "before": top_tokens(setup.loaded.tokenizer, before, 5),
+                "after": top_tokens(setup.loaded.tokenizer, after, 5),
             },
         }
     )

@@ -12,6 +12,7 @@ from conftest import (
     LOCATE_CORPUS,
     ONE,
     PROMPT,
+    TOY,
     build,
     byte_tokenizer,
     hf_cache_snapshot,
@@ -23,9 +24,11 @@ from safetensors.torch import load_file, save_file
 
 from sw_lens import resources
 from sw_lens.errors import SwLensError
+from sw_lens.experiment import prepare
 from sw_lens.models import load_model
 from sw_lens.perplexity import Protocol, evaluate
 from sw_lens.results import read_json
+from sw_lens.setup import LocateConfig
 from sw_lens.stream import (
     StreamedModel,
     check_streamable,
@@ -33,9 +36,18 @@ from sw_lens.stream import (
     scan_streamed,
     streaming_bytes,
 )
+from sw_lens.studies import (
+    ControlsOptions,
+    ScalingOptions,
+    StopwordsOptions,
+    controls_study,
+    scaling_study,
+    stopwords_study,
+)
 from sw_lens.vocabulary import WeightCoord
 
 PLANTED = WeightCoord(ONE.layer, ONE.row, ONE.col)
+TOY_WEIGHT = WeightCoord(TOY.layer, TOY.row, TOY.col)
 TOKENS = torch.randint(0, 255, (128,), generator=torch.Generator().manual_seed(1))
 PROTOCOL = Protocol(window=32, batch_size=2)
 
@@ -262,3 +274,69 @@ def test_a_hub_id_streams_offline_from_the_hf_cache(tmp_path):
     document = read_json(tmp_path / "out" / "results.json", "locate")
     assert document.model.source == "hub" and document.execution.streamed
     assert [c.key() for c in document.candidates] == [astuple(PLANTED)]
+
+
+def streamed_and_in_memory(toy, study, options):
+    """`study`'s document on the toy model, streamed and in memory."""
+    documents = []
+    for stream in ("on", "off"):
+        config = LocateConfig(
+            model=str(toy),
+            text=str(toy / "corpus.txt"),
+            device="cpu",
+            window=32,
+            max_tokens=256,
+            weights=[TOY_WEIGHT],
+            stream=stream,
+        )
+        documents.append(study(prepare(config, streamable=True), options))
+    streamed, in_memory = documents
+    assert streamed.execution.streamed and streamed.execution.why == "--stream on"
+    assert not in_memory.execution.streamed
+    assert streamed.super_weights[0].value == in_memory.super_weights[0].value == TOY.value
+    return streamed, in_memory
+
+
+def test_controls_stream_and_give_the_in_memory_table(toy):
+    """Controls (a)-(e) streamed: the largest weights and the magnitude-matched draws
+    read layer by layer from the checkpoint, each row's perplexity a streamed sweep."""
+    options = ControlsOptions(n_largest=40, draws=2, scales=[0.5, 2.0])
+    streamed, in_memory = streamed_and_in_memory(toy, controls_study, options)
+    assert streamed.baseline.nll == pytest.approx(in_memory.baseline.nll, rel=1e-6)
+    for a, b in zip(streamed.controls, in_memory.controls, strict=True):
+        assert (a.label, a.n_weights) == (b.label, b.n_weights)
+        assert a.perplexity == pytest.approx(b.perplexity, rel=1e-6), a.label
+    assert streamed.summary.largest_min_abs == in_memory.summary.largest_min_abs
+
+
+def test_scaling_streams_its_perplexities_and_next_word_accuracy(toy):
+    options = ScalingOptions(factors=[0.0, 0.5, 2.0], task_prompts=12)
+    streamed, in_memory = streamed_and_in_memory(toy, scaling_study, options)
+    for a, b in zip(streamed.scaling, in_memory.scaling, strict=True):
+        assert a.scale == b.scale and a.accuracy == b.accuracy
+        assert a.perplexity == pytest.approx(b.perplexity, rel=1e-6), a.scale
+    assert streamed.scaling[0].perplexity > 2 * streamed.baseline.perplexity  # x0 hurts
+
+
+def test_stopwords_stream_their_class_masses_and_case_study(toy):
+    options = StopwordsOptions(prompts="corpus", n_prompts=15)
+    streamed, in_memory = streamed_and_in_memory(toy, stopwords_study, options)
+    for name, mass in streamed.classes.items():
+        other = in_memory.classes[name]
+        assert mass.before == pytest.approx(other.before, rel=1e-5, abs=1e-7), name
+        assert mass.after == pytest.approx(other.after, rel=1e-5, abs=1e-7), name
+    for when in ("before", "after"):
+        a, b = getattr(streamed.case_study, when), getattr(in_memory.case_study, when)
+        assert [p.token_id for p in a] == [p.token_id for p in b]
+        assert [p.prob for p in a] == pytest.approx([p.prob for p in b], rel=1e-5)
+
+
+def test_an_experiment_that_needs_the_whole_model_refuses_stream_on(toy, tmp_path):
+    done = run_in_process(
+        "restore.py",
+        *("--model", toy, "--weight", "1,5,17", "--stream", "on", "--out", tmp_path / "o"),
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "--stream on: this command needs the whole model (locate, controls, scaling" in line
+    assert not (tmp_path / "o").exists()

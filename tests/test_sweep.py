@@ -182,9 +182,9 @@ def test_a_typo_in_a_sweep_file_exits_2_and_writes_nothing(tmp_path):
         assert done.returncode == 2
         assert done.stderr.strip().endswith(
             "did you mean 'dtype'? (valid: args, batch_size, bos, check_known, confirm_margin, "
-            "device, device_map, dtype, experiments, find, html_tokens, iterations, max_tokens, max_walk, "
-            "min_ppl_ratio, min_ratio, model, name, negligible, prediction_prompt, prompt, "
-            "prompt_bos, rank_tokens, recall_sample, registry, search_k, seed, stop_run, "
+            "device, device_map, dtype, experiments, find, html_tokens, iterations, max_tokens, "
+            "max_walk, min_ppl_ratio, min_ratio, model, name, negligible, prediction_prompt, "
+            "prompt, prompt_bos, rank_tokens, recall_sample, registry, search_k, seed, stop_run, "
             "stream, stride, text, threshold, tokenizer, top_channels, trust_remote_code, "
             "weight, window)"
         )
@@ -232,8 +232,9 @@ def test_experiment_options_reach_only_their_experiment(tmp_path):
     )
     (run,) = load_sweep(path).runs
     locate, controls = run.commands(tmp_path / "out", "python")
-    assert {"--stream=off", "--html-tokens=64"} <= set(locate)  # locate's own options
-    assert not any(word.startswith(("--stream", "--html")) for word in controls)
+    assert {"--stream=off", "--html-tokens=64"} <= set(locate)
+    assert "--stream=off" in controls  # a job option; --html-tokens is locate's own
+    assert not any(word.startswith("--html") for word in controls)
     path.write_text('[[runs]]\nmodel = "gpt2"\nstream = "sometimes"\n')
     with pytest.raises(SwLensError, match="'stream' must be 'auto', 'on' or 'off'"):
         load_sweep(path)
