@@ -14,7 +14,9 @@ from sw_lens.studies import QuantizeOptions, quantize_study
 
 
 def main() -> None:
-    args, prepared, options = experiment(__doc__, QuantizeOptions, {"max_tokens": 2048})
+    args, prepared, options = experiment(
+        __doc__, QuantizeOptions, {"max_tokens": 2048}, streamable=True
+    )
     document = quantize_study(prepared, options)
     print_header(document, document.baseline)
     rows = document.quantized

@@ -10,7 +10,7 @@ from sw_lens.studies import RestoreOptions, restore_study
 
 
 def main() -> None:
-    args, prepared, options = experiment(__doc__, RestoreOptions)
+    args, prepared, options = experiment(__doc__, RestoreOptions, streamable=True)
     document = restore_study(prepared, options)
     print_header(document, document.baseline)
     for a in document.super_activations:

@@ -110,8 +110,9 @@ def medians(result: ScanResult) -> tuple[float, float]:
 
 class RuleModel(typing.Protocol):
     """What the spike rule, the effect ranking and the experiments that stream (controls,
-    scaling, stopwords) ask of a model: held in memory (`InMemory`, a bridge) or read one
-    layer at a time from its checkpoint (`stream.StreamedModel`)."""
+    scaling, stopwords; quantize has its own edits) ask of a model: held in memory
+    (`InMemory`, a bridge) or read one layer at a time from its checkpoint
+    (`stream.StreamedModel`)."""
 
     n_layers: int
 

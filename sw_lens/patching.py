@@ -76,18 +76,17 @@ class EditedColumns:
 
     def __init__(
         self,
-        model: TransformerBridge,
-        layer: int,
+        weight: Float[Tensor, "d_mlp d_model"],
+        bias: Float[Tensor, "d_model"] | None,
         coords: list[WeightCoord],
         scale: float,
         restore_above: Mapping[int, float] | None = None,
     ):
+        """`weight` and `bias`: the layer's ``W_out`` and ``b_out`` (copied here)."""
         rows = sorted({c.row for c in coords})
         index = {row: i for i, row in enumerate(rows)}
-        with w_out(model, layer) as weight:
-            self.columns: Float[Tensor, "d_mlp n_rows"] = weight.detach()[:, rows].clone()
-            bias = b_out(model, layer)
-            self.bias = None if bias is None else bias.detach()[rows].clone()
+        self.columns: Float[Tensor, "d_mlp n_rows"] = weight.detach()[:, rows].clone()
+        self.bias = None if bias is None else bias.detach()[rows].clone()
         for c in coords:
             self.columns[c.col, index[c.row]] *= scale
         self.rows = torch.tensor(rows, device=self.columns.device)
@@ -126,17 +125,18 @@ def column_edits(
     values are read now, so build edits from the unedited model."""
     coords = list(coords)
     check_coords(model, coords)
-    restore_above = restore_above or {}
-    return {
-        layer: EditedColumns(
-            model,
-            layer,
-            layer_coords,
-            scale,
-            {row: t for (at, row), t in restore_above.items() if at == layer},
-        )
-        for layer, layer_coords in by_layer(coords).items()
-    }
+    edits = {}
+    for layer, layer_coords in by_layer(coords).items():
+        with w_out(model, layer) as weight:
+            edits[layer] = EditedColumns(
+                weight, b_out(model, layer), layer_coords, scale, rows_of(restore_above, layer)
+            )
+    return edits
+
+
+def rows_of(restore_above: Restore | None, layer: int) -> dict[int, float]:
+    """`restore_above`'s thresholds of one layer, by output channel."""
+    return {row: t for (at, row), t in (restore_above or {}).items() if at == layer}
 
 
 def ablation_hooks(

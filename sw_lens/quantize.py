@@ -14,23 +14,26 @@ point ``z = round(-min / scale)``, ``q = clamp(round(w / scale) + z, 0, 2**bits 
 ``w'``. Arithmetic is in float32 whatever the model's dtype.
 
 `quantized` writes the dequantized weights into the model for the duration of a block
-and restores the saved originals bit-for-bit on exit, whatever happened inside.
+and restores the saved originals bit-for-bit on exit, whatever happened inside; a model
+streamed from its checkpoint gets them as each layer is read (`quantized_perplexity`).
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
-from torch import Tensor
+from jaxtyping import Float, Int
+from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import SwLensError
 from sw_lens.patching import by_layer, check_coords
+from sw_lens.perplexity import PerplexityResult, Protocol, evaluate
 from sw_lens.placement import resident
-from sw_lens.vocabulary import WeightCoord, down_proj_parameter
+from sw_lens.stream import StreamedModel, check_streamed_coords, evaluate_edited
+from sw_lens.vocabulary import WeightCoord, down_proj_parameter, stored_index
 
 METHODS = ("plain", "clipped", "clipped + super weight")
 CLIPS = ("zscore", "percentile")
@@ -164,3 +167,48 @@ def quantized(
             with torch.no_grad():
                 for name, p in params.items():
                     p.copy_(saved[name])
+
+
+def quantized_perplexity(
+    model: TransformerBridge | StreamedModel,
+    tokens: Int[Tensor, "n_tokens"],
+    protocol: Protocol,
+    corpus: str,
+    scheme: Scheme | None,
+    super_weights: Sequence[WeightCoord] = (),
+    all_linear: bool = False,
+) -> tuple[PerplexityResult, int]:
+    """Perplexity with `scheme` applied (None: the unquantized model) and how many
+    parameters it quantized: written into a model in memory (`quantized`), or applied to
+    each tensor as a streamed model reads its layer."""
+    desc = scheme.describe() if scheme else "baseline"
+    if isinstance(model, TransformerBridge):
+        if scheme is None:
+            return evaluate(model, tokens, protocol, corpus, desc=desc), 0
+        with quantized(model, scheme, super_weights, all_linear) as names:
+            return evaluate(model, tokens, protocol, corpus, desc=desc), len(names)
+    edits = {} if scheme is None else _streamed_edits(model, scheme, super_weights, all_linear)
+    return evaluate_edited(model, tokens, protocol, corpus, edits, desc), len(edits)
+
+
+def _streamed_edits(
+    model: StreamedModel, scheme: Scheme, super_weights: Sequence[WeightCoord], all_linear: bool
+) -> dict[str, Callable[[Tensor], Tensor]]:
+    """`quantized`'s parameters and their quantization, as edits of a streamed model."""
+    check_streamed_coords(model, super_weights)
+    keep: dict[str, list[tuple[int, int]]] = {}
+    for c in super_weights:
+        linear = isinstance(model.down_proj[c.layer], nn.Linear)
+        keep.setdefault(model.down_proj_name(c.layer), []).append(stored_index(c, linear))
+    names = [model.down_proj_name(layer) for layer in range(model.n_layers)]
+    if all_linear:
+        names = [
+            f"{model.prefix}{index}.{name}"
+            for index, layer in enumerate(model.layers)
+            for name, p in layer.named_parameters()
+            if p.ndim == 2
+        ]
+    return {
+        name: (lambda tensor, name=name: quantize_weight(tensor, scheme, keep.get(name, ())))
+        for name in names
+    }

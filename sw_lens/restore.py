@@ -20,8 +20,10 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from sw_lens.errors import SwLensError
-from sw_lens.perplexity import PerplexityResult, Protocol, evaluate, evaluate_sweep
+from sw_lens.locate import rule_model
+from sw_lens.perplexity import PerplexityResult, Protocol, evaluate
 from sw_lens.scan import column_maxima
+from sw_lens.stream import StreamedModel, evaluate_restored, row_maxima
 from sw_lens.vocabulary import WeightCoord
 
 
@@ -57,7 +59,7 @@ def super_activations(
 
 
 def restore(
-    model: TransformerBridge,
+    model: TransformerBridge | StreamedModel,
     tokens: Int[Tensor, "n_tokens"],
     protocol: Protocol,
     corpus: str,
@@ -66,15 +68,27 @@ def restore(
     fraction: float = 0.1,
 ) -> Restoration:
     """Baseline, super weights zeroed, and zeroed with the super activations restored
-    wherever |unablated output| >= `fraction` x the super activation on `texts`."""
+    wherever |unablated output| >= `fraction` x the super activation on `texts`; in
+    memory, or streamed from the checkpoint one layer at a time."""
     if not 0 < fraction <= 1:
         raise SwLensError(f"the restore fraction must be in (0, 1], got {fraction}")
-    activations = super_activations(model, texts, super_weights)
+    streamed = isinstance(model, StreamedModel)
+    measure = row_maxima if streamed else super_activations
+    activations = measure(model, texts, super_weights)
     thresholds = {key: fraction * abs(value) for key, value in activations.items()}
-    baseline, (ablated,) = evaluate_sweep(
-        model, tokens, protocol, corpus, [super_weights], desc="zeroed"
+    baseline, (ablated,) = rule_model(model).sweep(
+        tokens, protocol, corpus, [super_weights], "zeroed"
     )
-    restored = evaluate(
-        model, tokens, protocol, corpus, super_weights, restore_above=thresholds, desc="restored"
-    )
+    if streamed:
+        restored = evaluate_restored(model, tokens, protocol, corpus, super_weights, thresholds)
+    else:
+        restored = evaluate(
+            model,
+            tokens,
+            protocol,
+            corpus,
+            super_weights,
+            restore_above=thresholds,
+            desc="restored",
+        )
     return Restoration(baseline, ablated, restored, thresholds, activations)

@@ -39,7 +39,7 @@ from sw_lens.vocabulary import Coordinate
 log = logging.getLogger(__name__)
 
 PAPER_PROMPT = "Apple Inc. is a worldwide tech company."
-STREAMED = "locate, controls, scaling and stopwords"  # the commands that can stream
+STREAMED = "locate, controls, restore, scaling, stopwords and quantize"  # these stream
 
 
 @pydantic.dataclasses.dataclass

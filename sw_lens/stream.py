@@ -52,6 +52,7 @@ from sw_lens.errors import SwLensError, untrusted_files
 from sw_lens.fast import empty_model
 from sw_lens.layer_major import mlp_sublayer
 from sw_lens.models import adds_bos, model_folder
+from sw_lens.patching import EditedColumns, Restore, by_layer, rows_of
 from sw_lens.perplexity import (
     IGNORE,
     PerplexityResult,
@@ -529,6 +530,93 @@ def open_streamed(name: str, device: torch.device, dtype: torch.dtype) -> Stream
     with untrusted_files(f"cannot stream '{name}'"):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         return StreamedModel(folder, tokenizer, device, dtype, name, source)
+
+
+def evaluate_edited(
+    model: StreamedModel,
+    tokens: Int[Tensor, "n_tokens"],
+    protocol: Protocol,
+    corpus: str,
+    edits: Mapping[str, Callable[[Tensor], Tensor]],
+    desc: str = "streamed",
+) -> PerplexityResult:
+    """Perplexity with `edits` (parameter name -> tensor -> tensor) applied to each
+    weight as its layer is read, e.g. quantization; the checkpoint is never written."""
+    cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
+    batches = _prepared(model, cut, protocol, desc)
+    with torch.inference_mode():
+        for index in bar(range(model.n_layers), desc=desc, unit="layer"):
+            model.run_layer(index, batches, edits)
+        return _scored(model, batches, cut, protocol, corpus)
+
+
+def row_maxima(
+    model: StreamedModel, texts: Sequence[Int[Tensor, "pos"]], coords: Sequence[WeightCoord]
+) -> dict[tuple[int, int], float]:
+    """(layer, row) -> the largest |down-projection output[:, row]| of each weight's
+    layer over `texts`, signed (`restore.super_activations`, streamed: the layers up to
+    the last one `coords` name are read)."""
+    check_streamed_coords(model, coords)
+    best: dict[tuple[int, int], float] = {}
+
+    def watching(index: int) -> Callable:
+        rows = sorted({c.row for c in coords if c.layer == index})
+
+        def seen(module, args, out: Float[Tensor, "1 pos d_model"]) -> None:
+            for row in rows:
+                values = out[0, :, row]
+                value = float(values[values.abs().argmax()])
+                if abs(value) > abs(best.get((index, row), 0.0)):
+                    best[index, row] = value
+
+        return lambda layer, b: [model.down_proj[index].register_forward_hook(seen)]
+
+    with torch.inference_mode():
+        batches = [model.prepare(ids[None]) for ids in texts]
+        for index in range(max(c.layer for c in coords) + 1):
+            model.run_layer(index, batches, hooks=watching(index))
+    return best
+
+
+def evaluate_restored(
+    model: StreamedModel,
+    tokens: Int[Tensor, "n_tokens"],
+    protocol: Protocol,
+    corpus: str,
+    coords: Sequence[WeightCoord],
+    restore_above: Restore,
+    desc: str = "restored",
+) -> PerplexityResult:
+    """`perplexity.evaluate` with `coords` zeroed and `restore_above`, streamed: each
+    ablated layer is read unedited, and its down-projection's output recomputed with the
+    weights zeroed except where the unablated value reaches the threshold
+    (`patching.EditedColumns`, built from the layer as it is read)."""
+    check_streamed_coords(model, coords)
+    grouped = by_layer(coords)
+    edits: dict[int, EditedColumns] = {}
+
+    def restoring(index: int) -> Callable | None:
+        down = model.down_proj[index]
+
+        def register(layer, b) -> list:
+            if index not in edits:
+                weight = down.weight.T if isinstance(down, nn.Linear) else down.weight
+                edits[index] = EditedColumns(
+                    weight, down.bias, grouped[index], 0.0, rows_of(restore_above, index)
+                )
+            return [
+                down.register_forward_hook(lambda m, args, out: edits[index].apply(args[0], out))
+            ]
+
+        return register if index in grouped else None
+
+    cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
+    batches = _prepared(model, cut, protocol, desc)
+    with torch.inference_mode():
+        for index in bar(range(model.n_layers), desc=desc, unit="layer"):
+            model.run_layer(index, batches, hooks=restoring(index))
+        losses = [model.token_nll(b) for b in batches]
+    return measured(model.dtype, corpus, protocol, losses, cut, edits)
 
 
 def scaled_weights(model: StreamedModel, coords: Sequence[WeightCoord], scale: float) -> dict:

@@ -9,6 +9,7 @@ they measured.
 """
 
 from dataclasses import asdict, replace
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -30,10 +31,10 @@ from sw_lens.options import (
     Text,
     option,
 )
-from sw_lens.perplexity import evaluate, windows
+from sw_lens.perplexity import windows
 from sw_lens.predictions import CASE_STUDY_PROMPT, accuracy, top_tokens
 from sw_lens.progress import bar
-from sw_lens.quantize import CLIPS, METHODS, Scheme, quantized
+from sw_lens.quantize import CLIPS, METHODS, Scheme, quantized_perplexity
 from sw_lens.restore import restore
 from sw_lens.results import header, typed
 from sw_lens.robustness import robustness
@@ -256,22 +257,24 @@ class QuantizeOptions:
 
 
 def quantize_study(experiment: Experiment, options: QuantizeOptions) -> documents.Quantize:
-    """Every scheme of the grid, each written in place and restored bit-for-bit."""
+    """Every scheme of the grid, each written in place and restored bit-for-bit (or, when
+    the model is streamed, applied to each tensor as its layer is read)."""
     schemes = options.schemes()  # a bad grid is refused before the baseline's minutes
     setup = experiment.setup
-    model, tokens, protocol, corpus = setup.model, setup.tokens, setup.protocol, setup.corpus.name
-    baseline = evaluate(model, tokens, protocol, corpus, desc="baseline")
+    measure = partial(
+        quantized_perplexity, setup.model, setup.tokens, setup.protocol, setup.corpus.name
+    )
+    baseline, _ = measure(None)
     rows = []
     for scheme in bar(schemes, desc="quantize", unit="setting"):
-        with quantized(model, scheme, experiment.coords, options.all_linear) as names:
-            result = evaluate(model, tokens, protocol, corpus, desc=scheme.describe())
+        result, n_parameters = measure(scheme, experiment.coords, options.all_linear)
         rows.append(
             {
                 "bits": scheme.bits,
                 "block": "tensor" if scheme.block_size is None else scheme.block_size,
                 "method": scheme.method,
                 "description": scheme.describe(),
-                "n_parameters": len(names),
+                "n_parameters": n_parameters,
                 **result.to_dict(),
                 "ratio": result.perplexity / baseline.perplexity,
             }

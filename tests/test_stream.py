@@ -38,9 +38,13 @@ from sw_lens.stream import (
 )
 from sw_lens.studies import (
     ControlsOptions,
+    QuantizeOptions,
+    RestoreOptions,
     ScalingOptions,
     StopwordsOptions,
     controls_study,
+    quantize_study,
+    restore_study,
     scaling_study,
     stopwords_study,
 )
@@ -333,10 +337,32 @@ def test_stopwords_stream_their_class_masses_and_case_study(toy):
 
 def test_an_experiment_that_needs_the_whole_model_refuses_stream_on(toy, tmp_path):
     done = run_in_process(
-        "restore.py",
+        "circuit.py",
         *("--model", toy, "--weight", "1,5,17", "--stream", "on", "--out", tmp_path / "o"),
     )
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
-    assert "--stream on: this command needs the whole model (locate, controls, scaling" in line
+    assert "--stream on: this command needs the whole model (locate, controls, restore" in line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("all_linear", [False, True])
+def test_quantize_streams_each_tensor_quantized_as_it_is_read(toy, all_linear):
+    options = QuantizeOptions(bits=[4], blocks=[64], all_linear=all_linear)
+    streamed, in_memory = streamed_and_in_memory(toy, quantize_study, options)
+    assert streamed.baseline.nll == pytest.approx(in_memory.baseline.nll, rel=1e-6)
+    for a, b in zip(streamed.quantized, in_memory.quantized, strict=True):
+        assert (a.description, a.n_parameters) == (b.description, b.n_parameters)
+        assert a.perplexity == pytest.approx(b.perplexity, rel=1e-6), a.description
+    assert streamed.quantized[0].n_parameters == (7 * 3 if all_linear else 3)  # toy: 3 layers
+
+
+def test_restore_streams_the_super_activation_put_back(toy):
+    options = RestoreOptions(fraction=0.5)
+    streamed, in_memory = streamed_and_in_memory(toy, restore_study, options)
+    assert streamed.super_activations == in_memory.super_activations  # the same scan
+    for kind in ("baseline", "zeroed", "restored"):
+        a, b = getattr(streamed, kind), getattr(in_memory, kind)
+        assert a.perplexity == pytest.approx(b.perplexity, rel=1e-6), kind
+    assert streamed.restored.n_restored == in_memory.restored.n_restored > 0
+    assert streamed.recovered == pytest.approx(in_memory.recovered, rel=1e-5)
