@@ -542,12 +542,27 @@ def evaluate_edited(
 ) -> PerplexityResult:
     """Perplexity with `edits` (parameter name -> tensor -> tensor) applied to each
     weight as its layer is read, e.g. quantization; the checkpoint is never written."""
+    batches, cut = _every_layer(model, tokens, protocol, desc, edits)
+    with torch.inference_mode():
+        return _scored(model, batches, cut, protocol, corpus)
+
+
+def _every_layer(
+    model: StreamedModel,
+    tokens: Int[Tensor, "n_tokens"],
+    protocol: Protocol,
+    desc: str,
+    edits: Mapping[str, Callable] | None = None,
+    hooks: Callable[[int], Callable | None] = lambda index: None,
+) -> tuple[list[Batch], list]:
+    """`tokens`' windows through every layer, with `edits` and each layer's `hooks` (see
+    `StreamedModel.run_layer`); the batches hold the last layer's residual streams."""
     cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
     batches = _prepared(model, cut, protocol, desc)
     with torch.inference_mode():
         for index in bar(range(model.n_layers), desc=desc, unit="layer"):
-            model.run_layer(index, batches, edits)
-        return _scored(model, batches, cut, protocol, corpus)
+            model.run_layer(index, batches, edits, hooks(index))
+    return batches, cut
 
 
 def row_maxima(
@@ -610,11 +625,8 @@ def evaluate_restored(
 
         return register if index in grouped else None
 
-    cut = windows(tokens, protocol, model.tokenizer.bos_token_id)
-    batches = _prepared(model, cut, protocol, desc)
+    batches, cut = _every_layer(model, tokens, protocol, desc, hooks=restoring)
     with torch.inference_mode():
-        for index in bar(range(model.n_layers), desc=desc, unit="layer"):
-            model.run_layer(index, batches, hooks=restoring(index))
         losses = [model.token_nll(b) for b in batches]
     return measured(model.dtype, corpus, protocol, losses, cut, edits)
 
