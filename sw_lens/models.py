@@ -328,7 +328,7 @@ def load_model(
 ) -> LoadedModel:
     """Load `name` (embedded name, ``.gguf`` file, nanoGPT ``.pt`` checkpoint, HF
     directory or hub id) as a bridge in eval mode, with raw (unprocessed) weights, on
-    `device` in `dtype`, or spread by `device_map` (`placement.parse_device_map`; HF
+    `device` in `dtype`, or spread by `device_map` (`placement.check_device_map`; HF
     formats only; offloaded weights live in a temporary folder or are read from the
     checkpoint). `tokenizer_name` is for nanoGPT checkpoints (meta.pkl or an HF
     tokenizer); other sources carry their own."""

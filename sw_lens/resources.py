@@ -57,6 +57,8 @@ def check_count(n_params: int, name: str, device: torch.device, dtype: torch.dty
     hint = f"try --dtype bfloat16 (~{half / GIB:.1f} GiB)" if itemsize > 2 and half <= free else ""
     if not hint and device.type == "cpu" and torch.cuda.is_available():
         hint = "try --device cuda"
+    if not hint:  # the ways that need less than the whole model on one device
+        hint = "stream it (--stream on) or spread it over GPUs (--device-map)"
     raise SwLensError(
         f"'{name}' has {n_params / 1e9:.2f}B parameters: ~{needed / GIB:.1f} GiB in "
         f"{str(dtype).removeprefix('torch.')} but {free / GIB:.1f} GiB is free on {device}"

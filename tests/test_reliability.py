@@ -146,6 +146,8 @@ def test_a_model_that_cannot_fit_is_refused_before_loading(tmp_path, monkeypatch
     monkeypatch.setattr(resources, "available_bytes", lambda device: 10_000)
     with pytest.raises(SwLensError, match=r"~0\.0 GiB in float32 but 0\.0 GiB is free on cpu"):
         load_model(str(model_dir), device="cpu")
+    with pytest.raises(SwLensError, match=r"stream it \(--stream on\) or spread it over GPUs"):
+        load_model(str(model_dir), device="cpu", dtype="bfloat16")  # nothing smaller to try
     n = resources.parameter_count(build("llama").config)
     assert n == sum(p.numel() for p in build("llama").parameters())
     monkeypatch.setattr(resources, "available_bytes", lambda device: int(n * 3))
