@@ -47,19 +47,6 @@ def top_tokens(tokenizer, logits: Float[Tensor, "d_vocab"], k: int) -> list[dict
     ]
 
 
-def next_word_accuracy(
-    model: TransformerBridge,
-    contexts: Sequence[Int[Tensor, "pos"]],
-    targets: Sequence[int],
-    ablation: Sequence[WeightCoord] = (),
-    scale: float = 0.0,
-) -> Accuracy:
-    """How many of `contexts` have their target as the most likely next token (e.g. the
-    first token of a held-out last word, as LAMBADA scores), with each weight in
-    `ablation` multiplied by `scale` (`fast.forward_pass` picks the fast twin)."""
-    return accuracy(next_token_logits(model, contexts, ablation, scale), targets)
-
-
 def next_token_logits(
     model: TransformerBridge,
     contexts: Sequence[Int[Tensor, "pos"]],
@@ -74,6 +61,7 @@ def next_token_logits(
 
 
 def accuracy(logits: Sequence[Float[Tensor, "d_vocab"]], targets: Sequence[int]) -> Accuracy:
-    """How many of the next-token `logits` rank their target first."""
+    """How many of the next-token `logits` rank their target first (e.g. the first token
+    of a held-out last word, as LAMBADA scores)."""
     hits = sum(int(x.argmax()) == t for x, t in zip(logits, targets, strict=True))
     return Accuracy(hits, len(targets), hits / len(targets))

@@ -6,7 +6,7 @@ from conftest import ONE, byte_tokenizer
 
 from sw_lens.errors import SwLensError
 from sw_lens.patching import ablation_hooks
-from sw_lens.predictions import next_word_accuracy
+from sw_lens.predictions import accuracy, next_token_logits
 from sw_lens.setup import prompt_tokens
 from sw_lens.stopwords import CLASSES, class_mass, lambada, last_word_contexts, token_classes
 from sw_lens.vocabulary import WeightCoord
@@ -67,6 +67,6 @@ def test_next_word_accuracy_is_the_hand_counted_top_1(tiny):
             for ids in contexts
         ]
         targets = [top[0], top[1] + 1, top[2]]  # two hits, one miss
-        accuracy = next_word_accuracy(model, contexts, targets, coords, scale)
-        assert (accuracy.correct, accuracy.n_prompts) == (2, 3)
-        assert accuracy.share == pytest.approx(2 / 3)
+        counted = accuracy(next_token_logits(model, contexts, coords, scale), targets)
+        assert (counted.correct, counted.n_prompts) == (2, 3)
+        assert counted.share == pytest.approx(2 / 3)
