@@ -152,8 +152,7 @@ def run_controls(
         for s, r in zip(scales, results[3 + len(random_sets) :], strict=True)
     ]
     random_ppl = [r.perplexity for r in random_results]
-    with model.w_out(0) as weight:
-        n_per_layer = weight.numel()
+    d_mlp, d_model = model.w_out_shape
     summary = {
         "draws": len(random_ppl),
         "pool": pool,
@@ -163,7 +162,7 @@ def run_controls(
         "max": max(random_ppl, default=None),
         # N as a share of all down-projection weights (the paper's 7000 in Llama-7B's
         # 1.4e9 is 5e-6), and the smallest |w| among them: how far down (b) reaches.
-        "largest_share": n_largest / (model.n_layers * n_per_layer),
+        "largest_share": n_largest / (model.n_layers * d_mlp * d_model),
         "largest_min_abs": abs(model.weight(largest[-1])[0]) if largest else None,
     }
     return baseline, rows, summary

@@ -115,6 +115,7 @@ class RuleModel(typing.Protocol):
     (`stream.StreamedModel`)."""
 
     n_layers: int
+    w_out_shape: tuple[int, int]  # (d_mlp, d_model)
 
     def check_coords(self, coords: Sequence[WeightCoord]) -> None: ...
 
@@ -150,6 +151,10 @@ class InMemory:
     @property
     def n_layers(self) -> int:
         return self.bridge.cfg.n_layers
+
+    @property
+    def w_out_shape(self) -> tuple[int, int]:
+        return self.bridge.cfg.d_mlp, self.bridge.cfg.d_model
 
     def check_coords(self, coords) -> None:
         check_coords(self.bridge, coords)

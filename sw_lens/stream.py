@@ -264,6 +264,11 @@ class StreamedModel:
         down = self.down_proj[0]
         return down.in_features if isinstance(down, nn.Linear) else down.weight.shape[0]
 
+    @property
+    def w_out_shape(self) -> tuple[int, int]:
+        """(d_mlp, d_model): each layer's ``W_out``."""
+        return self.d_mlp(), self.config.get_text_config().hidden_size
+
     def down_proj_name(self, layer: int) -> str:
         module = self.down_proj[layer]
         relative = next(n for n, m in self.layers[layer].named_modules() if m is module)
@@ -649,7 +654,7 @@ def scaled_weights(model: StreamedModel, coords: Sequence[WeightCoord], scale: f
 
 
 def check_streamed_coords(model: StreamedModel, coords: Sequence[WeightCoord]) -> None:
-    d_model, d_mlp = model.config.get_text_config().hidden_size, model.d_mlp()
+    d_mlp, d_model = model.w_out_shape
     for c in coords:
         if not (0 <= c.layer < model.n_layers and 0 <= c.row < d_model and 0 <= c.col < d_mlp):
             raise SwLensError(

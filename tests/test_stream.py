@@ -311,6 +311,8 @@ def test_controls_stream_and_give_the_in_memory_table(toy):
         assert (a.label, a.n_weights) == (b.label, b.n_weights)
         assert a.perplexity == pytest.approx(b.perplexity, rel=1e-6), a.label
     assert streamed.summary.largest_min_abs == in_memory.summary.largest_min_abs
+    share = 40 / (3 * 48 * 32)  # of the toy's down-projection weights: 3 layers, 48 x 32
+    assert streamed.summary.largest_share == in_memory.summary.largest_share == share
 
 
 def test_scaling_streams_its_perplexities_and_next_word_accuracy(toy):
