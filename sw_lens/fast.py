@@ -75,6 +75,30 @@ def hf_twin(model: TransformerBridge) -> PreTrainedModel:
     return twin
 
 
+class _Reached(Exception):
+    """Raised by `input_of`'s pre-hook: the input wanted has been seen."""
+
+
+def input_of(module: nn.Module, forward: Callable[[], object]) -> Tensor:
+    """The hidden states `module` receives (its first positional argument, or
+    ``hidden_states``) when `forward()` runs; the forward stops there, so nothing from
+    `module` on is computed."""
+    kept = {}
+
+    def capture(mod, args, kwargs):
+        kept["input"] = args[0] if args else kwargs["hidden_states"]
+        raise _Reached
+
+    handle = module.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        forward()
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return kept["input"]
+
+
 def down_proj_module(model: TransformerBridge, twin: PreTrainedModel, layer: int) -> nn.Module:
     name, _ = down_proj_parameter(model, layer)
     return twin.get_submodule(name.removesuffix(".weight"))

@@ -30,31 +30,14 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import DynamicCache
 
 from sw_lens.errors import SwLensError
-from sw_lens.fast import decoder_layers, down_proj_module, hf_twin
+from sw_lens.fast import decoder_layers, down_proj_module, hf_twin, input_of
 from sw_lens.scan import ScanResult, SpikeReducer, check_texts
-
-
-class _Stop(Exception):
-    """Raised by the pre-hook on the first decoder layer once the embedding is captured."""
 
 
 def _embedding(twin, layers, ids: Tensor) -> Tensor:
     """The residual stream entering the first layer (whatever the model adds to its token
     embeddings), without running any layer."""
-    kept = {}
-
-    def capture(module, args, kwargs):
-        kept["resid"] = args[0] if args else kwargs["hidden_states"]
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        twin(ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return kept["resid"]
+    return input_of(layers[0], lambda: twin(ids, use_cache=False))
 
 
 def _check_supported(twin, n_tokens: int) -> None:

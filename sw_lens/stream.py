@@ -49,7 +49,7 @@ from transformers.pytorch_utils import Conv1D
 
 from sw_lens import resources
 from sw_lens.errors import SwLensError, untrusted_files
-from sw_lens.fast import empty_model
+from sw_lens.fast import empty_model, input_of
 from sw_lens.layer_major import mlp_sublayer
 from sw_lens.models import adds_bos, model_folder
 from sw_lens.patching import EditedColumns, Restore, by_layer, rows_of
@@ -155,10 +155,6 @@ class GGUFCheckpoint:
 class _Recorded(Exception):
     """Raised once the last decoder layer's arguments are captured: the rest of the
     forward (final norm, unembedding) is not needed."""
-
-
-class _Reached(Exception):
-    """Raised at the unembedding's input: the final hidden state is captured."""
 
 
 @dataclass
@@ -428,26 +424,17 @@ class StreamedModel:
     def final_hidden(self, batch: Batch) -> Float[Tensor, "batch pos d_model"]:
         """The model's own final norm of `batch`'s residual stream: its forward with the
         residual injected after the layers, stopped at the unembedding's input."""
-        kept = {}
 
         class Inject(nn.Module):
             def forward(self, hidden, *args, **kwargs):
                 return batch.resid
 
-        def capture(module, args):
-            kept["hidden"] = args[0]
-            raise _Reached
-
-        output = self.skeleton.get_output_embeddings()
-        handle = output.register_forward_pre_hook(capture)
-        try:
-            with self._swapped([Inject() for _ in range(self.n_layers)]):
-                self.skeleton(batch.input_ids.to(self.device), use_cache=False)
-        except _Reached:
-            pass
-        finally:
-            handle.remove()
-        return kept["hidden"]
+        ids = batch.input_ids.to(self.device)
+        with self._swapped([Inject() for _ in range(self.n_layers)]):
+            return input_of(
+                self.skeleton.get_output_embeddings(),
+                lambda: self.skeleton(ids, use_cache=False),
+            )
 
     def softcapped(self, logits: Tensor) -> Tensor:
         """The model's final logit softcapping (Gemma 2), applied as its forward does."""
